@@ -1,0 +1,153 @@
+"""ONNX Runtime engine: one session per model variant; CPU and CUDA differ only in providers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.engines.tokenizer import EncodedBatch
+
+Device = Literal["cpu", "cuda"]
+
+
+class EngineError(RuntimeError):
+    """The engine could not be created or a forward pass failed."""
+
+
+class Engine(Protocol):
+    """What the batcher needs from a model: one forward pass over a padded batch."""
+
+    device: Device
+
+    def forward(self, batch: EncodedBatch) -> NDArray[np.float32]:
+        """Return the model output for the batch: token embeddings [B, T, H] or logits [B, L]."""
+        ...
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """ONNX Runtime session settings.
+
+    `memory_pattern` pre-plans buffers per input shape: with ever-changing sequence lengths it only
+    adds plans, so it is off by default. The CPU arena keeps freed blocks for reuse; with
+    `arena_extend_strategy=kSameAsRequested` it grows only by what is asked for, which keeps RSS close
+    to the largest batch seen instead of doubling.
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    memory_pattern: bool = False
+    cpu_arena: bool = True
+    cuda_device_id: int = 0
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def cuda_available() -> bool:
+    """True when onnxruntime-gpu is installed and a CUDA device can be used."""
+    if "CUDAExecutionProvider" not in available_providers():
+        return False
+    try:
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def default_intra_op_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+class OrtEngine:
+    """Runs one ONNX file. Inputs are bound once per call; on CUDA through IO binding."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        input_names: list[str],
+        output_name: str,
+        device: Device = "cpu",
+        config: SessionConfig | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        config = config or SessionConfig()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = config.intra_op_threads or default_intra_op_threads()
+        options.inter_op_num_threads = config.inter_op_threads
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.enable_mem_pattern = config.memory_pattern
+        options.enable_cpu_mem_arena = config.cpu_arena
+        options.log_severity_level = 3
+        providers: list[Any]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in available_providers():
+                raise EngineError(
+                    "CUDA was requested but onnxruntime has no CUDAExecutionProvider; "
+                    "install the gpu extra (onnxruntime-gpu) on a machine with an NVIDIA GPU"
+                )
+            providers = [
+                ("CUDAExecutionProvider", {
+                    "device_id": config.cuda_device_id,
+                    "arena_extend_strategy": "kSameAsRequested",
+                    "cudnn_conv_algo_search": "HEURISTIC",
+                }),
+                "CPUExecutionProvider",
+            ]
+        else:
+            providers = [("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
+        try:
+            self._session = ort.InferenceSession(str(model_path), options, providers=providers)
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise EngineError(f"cannot load {model_path}: {error}") from error
+        if device == "cuda" and "CUDAExecutionProvider" not in self._session.get_providers():
+            raise EngineError("onnxruntime could not initialise the CUDA provider (is a GPU visible?)")
+        session_inputs = {node.name for node in self._session.get_inputs()}
+        missing = [name for name in input_names if name not in session_inputs]
+        if missing:
+            raise EngineError(f"{model_path.name} lacks inputs {missing}")
+        self.device: Device = device
+        self.input_names = [name for name in ("input_ids", "attention_mask", "token_type_ids")
+                            if name in session_inputs]
+        self.output_name = output_name
+        self.model_path = model_path
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def _feeds(self, batch: EncodedBatch) -> dict[str, NDArray[np.int64]]:
+        arrays = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "token_type_ids": batch.token_type_ids,
+        }
+        return {name: arrays[name] for name in self.input_names}
+
+    def forward(self, batch: EncodedBatch) -> NDArray[np.float32]:
+        feeds = self._feeds(batch)
+        if self.device == "cuda":
+            binding = self._session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)
+            binding.bind_output(self.output_name, "cpu")
+            self._session.run_with_iobinding(binding)
+            output = binding.copy_outputs_to_cpu()[0]
+        else:
+            output = self._session.run([self.output_name], feeds)[0]
+        return np.asarray(output, dtype=np.float32)

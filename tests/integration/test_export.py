@@ -1,0 +1,170 @@
+"""The exporter end to end on tiny random models and on the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporters import onnx_export
+from exporters.errors import ExportFailure
+from service.core.manifest import load_manifest, sha256_file
+from service.engines.bundle import BundleModel
+from tests.conftest import export_quietly
+from tests.helpers import tiny_models
+
+NEW_TEXTS = ["a sentence the probes never saw", "another one about rivers and mountains", "北京的天气", "x"]
+
+
+def _st_encode(source: Path, texts: list[str]) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(source), device="cpu").encode(texts, convert_to_numpy=True)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def test_minilm_bundle_manifest_and_parity(minilm_bundle: Path, minilm_source: Path) -> None:
+    manifest = load_manifest(minilm_bundle)
+    assert manifest.task == "embed"
+    assert (manifest.pooling, manifest.normalize, manifest.dimensions, manifest.max_length) == ("mean", True, 384, 256)
+    assert manifest.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+    assert set(manifest.variants) == {"float32", "int8", "float16"}
+    for variant in manifest.variants.values():
+        assert variant.sha256 == sha256_file(minilm_bundle / variant.file)
+        assert variant.passed and not variant.forced
+        assert variant.opset >= 17
+    fp32 = manifest.variants["float32"]
+    assert fp32.parity["min_cosine"] >= 0.99999
+    assert fp32.graph_optimization in ("O1", "O2")
+    assert fp32.ms_per_batch["batch_32"] > 0
+    int8 = manifest.variants["int8"]
+    assert int8.parity["mean_cosine"] >= 0.99 and int8.parity["min_cosine"] >= 0.97
+    assert int8.parity["top10_overlap"] >= 0.90
+    assert int8.quantization is not None and int8.quantization["candidates"]
+    assert int8.quantization["corpus"]["passages"] == 1000
+    assert manifest.exporter["libraries"]["onnxruntime"]
+    assert manifest.tokenizer["sha256"] == sha256_file(minilm_bundle / "tokenizer.json")
+    # What the server will compute equals sentence-transformers on texts outside the probe set.
+    ours = BundleModel(minilm_bundle).embed(NEW_TEXTS)
+    assert _cosines(ours, _st_encode(minilm_source, NEW_TEXTS)).min() >= 0.9999
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    int8_vectors = BundleModel(minilm_bundle, variant="int8").embed(NEW_TEXTS)
+    assert _cosines(int8_vectors, ours).mean() >= 0.97
+
+
+def test_bge_style_cls_pooling_normalize_and_prompts(bge_style_bundle: Path, bge_style_source: Path) -> None:
+    manifest = load_manifest(bge_style_bundle)
+    assert (manifest.pooling, manifest.normalize, manifest.dimensions) == ("cls", True, 32)
+    assert manifest.prompts["query"].startswith("Represent this sentence")
+    assert manifest.max_length == 64
+    ours = BundleModel(bge_style_bundle).embed(NEW_TEXTS)
+    assert _cosines(ours, _st_encode(bge_style_source, NEW_TEXTS)).min() >= 0.99999
+
+
+def test_dense_module_after_pooling_is_part_of_the_model(work_dir: Path) -> None:
+    source = tiny_models.bert_embedder(work_dir / "src-zpoint", pooling="mean", normalize=True, dense_out=56,
+                                       dense_activation="Tanh", seed=3)
+    bundle = export_quietly(source, "tiny-zpoint", work_dir / "models").bundle_dir
+    manifest = load_manifest(bundle)
+    assert manifest.dimensions == 56 and manifest.hidden_size == 32
+    assert [(d.in_features, d.out_features, d.activation) for d in manifest.dense_layers] == [(32, 56, "tanh")]
+    assert manifest.dense_layers[0].bias_file is not None
+    ours = BundleModel(bundle).embed(NEW_TEXTS)
+    assert ours.shape == (len(NEW_TEXTS), 56)
+    assert _cosines(ours, _st_encode(source, NEW_TEXTS)).min() >= 0.99999
+
+
+def test_xlm_roberta_encoder(work_dir: Path) -> None:
+    source = tiny_models.xlmr_embedder(work_dir / "src-xlmr")
+    bundle = export_quietly(source, "tiny-xlmr", work_dir / "models", int8=True).bundle_dir
+    manifest = load_manifest(bundle)
+    assert manifest.model_type == "xlm-roberta"
+    assert manifest.input_names == ["input_ids", "attention_mask"]
+    assert manifest.max_length == 96
+    assert manifest.variants["float32"].parity["min_cosine"] >= 0.99999
+    ours = BundleModel(bundle).embed(NEW_TEXTS)
+    assert _cosines(ours, _st_encode(source, NEW_TEXTS)).min() >= 0.99999
+
+
+def test_chinese_vocabulary_is_tokenized(bge_style_bundle: Path) -> None:
+    model = BundleModel(bge_style_bundle)
+    ids = model.tokenizer.encode(["北京是中华人民共和国的首都。"])[0].ids
+    unk = model.tokenizer._plain.token_to_id("[UNK]")
+    assert len(ids) > 5 and ids.count(unk) == 0
+
+
+def test_cross_encoder_logits_match_torch(cross_encoder_bundle: Path, cross_encoder_source: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    manifest = load_manifest(cross_encoder_bundle)
+    assert manifest.task == "rerank" and manifest.labels == ["LABEL_0"] and manifest.output_name == "logits"
+    assert manifest.variants["float32"].parity["max_abs_diff"] <= 1e-4
+    assert "int8" in manifest.variants or "int8" in manifest.refused_variants
+    pairs = [("what is deep learning", "deep learning learns representations"), ("capital of france", "paris")]
+    ours = BundleModel(cross_encoder_bundle).logits(pairs)
+    tokenizer = AutoTokenizer.from_pretrained(str(cross_encoder_source))
+    model = AutoModelForSequenceClassification.from_pretrained(str(cross_encoder_source)).eval()
+    with torch.inference_mode():
+        encoded = tokenizer([p[0] for p in pairs], [p[1] for p in pairs], padding=True, return_tensors="pt")
+        expected = model(**encoded).logits.numpy()
+    assert np.abs(ours - expected).max() <= 1e-4
+
+
+def test_classifier_labels(classifier_bundle: Path) -> None:
+    manifest = load_manifest(classifier_bundle)
+    assert manifest.task == "classify"
+    assert manifest.labels == ["negative", "neutral", "positive"]
+    assert manifest.dimensions == 3
+    assert BundleModel(classifier_bundle).logits(["good", "bad"]).shape == (2, 3)
+
+
+def test_int8_below_its_bar_is_refused_or_forced(work_dir: Path, bge_style_source: Path) -> None:
+    impossible = {"int8": {"mean_cosine": 1.5}}
+    refused = export_quietly(bge_style_source, "tiny-refused", work_dir / "models", int8=True,
+                             bar_overrides=impossible)
+    manifest = load_manifest(refused.bundle_dir)
+    assert "int8" not in manifest.variants
+    assert not (refused.bundle_dir / "model_int8.onnx").exists()
+    assert manifest.refused_variants["int8"]["bars"]["mean_cosine"] == 1.5
+    forced = export_quietly(bge_style_source, "tiny-forced", work_dir / "models", int8=True,
+                            bar_overrides=impossible, force=True)
+    forced_manifest = load_manifest(forced.bundle_dir)
+    assert forced_manifest.variants["int8"].forced and not forced_manifest.variants["int8"].passed
+    assert json.loads((forced.bundle_dir / "manifest.json").read_text())["variants"]["int8"]["forced"] is True
+
+
+def test_failed_export_leaves_existing_bundle_untouched(work_dir: Path, bge_style_source: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    output = work_dir / "atomic"
+    first = export_quietly(bge_style_source, "model", output).bundle_dir
+    before = {p.name: sha256_file(p) for p in first.iterdir()}
+
+    def broken(*args: object, **kwargs: object) -> Path:
+        raise ExportFailure("injected failure during fp16 conversion")
+
+    monkeypatch.setattr(onnx_export, "convert_fp16", broken)
+    with pytest.raises(ExportFailure, match="injected"):
+        export_quietly(bge_style_source, "model", output, fp16=True)
+    with pytest.raises(ExportFailure, match="injected"):
+        export_quietly(bge_style_source, "fresh", output, fp16=True)
+    assert {p.name: sha256_file(p) for p in first.iterdir()} == before
+    assert sorted(p.name for p in output.iterdir() if not p.name.endswith(".lock")) == ["model"]
+
+
+def test_reexport_replaces_bundle(work_dir: Path, bge_style_source: Path) -> None:
+    output = work_dir / "replace"
+    export_quietly(bge_style_source, "model", output)
+    (output / "model" / "stray-file").write_text("from the old bundle")
+    export_quietly(bge_style_source, "model", output, optimize="none")
+    assert not (output / "model" / "stray-file").exists()
+    assert load_manifest(output / "model").variants["float32"].graph_optimization == "none"
+    shutil.rmtree(output)

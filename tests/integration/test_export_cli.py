@@ -1,0 +1,45 @@
+"""The export command line: exit codes and messages, run as a user would run it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import tiny_models
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "exporters", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_missing_directory_is_bad_input(tmp_path: Path) -> None:
+    result = _run(str(tmp_path / "nope"), "--name", "x", "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+    assert not (tmp_path / "out" / "x").exists()
+
+
+def test_unsupported_architecture_names_what_is_supported(tmp_path: Path) -> None:
+    source = tiny_models.unsupported_model(tmp_path / "gpt2")
+    result = _run(str(source), "--name", "x", "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "gpt2" in result.stderr and "XLM-RoBERTa" in result.stderr and "MPNet" in result.stderr
+
+
+def test_unwritable_output_directory(tmp_path: Path, bge_style_source: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = _run(str(bge_style_source), "--name", "x", "--output", str(blocker / "models"))
+    assert result.returncode == 2
+    assert "output directory" in result.stderr
+
+
+def test_successful_cli_export_prints_summary(tmp_path: Path, bge_style_source: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "service.cli", "export", str(bge_style_source), "--name", "cli",
+                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "float32" in result.stdout and "ms per batch" in result.stdout
+    for stage in ("load", "export", "optimize", "quantize", "verify"):
+        assert stage in result.stderr
+    assert (tmp_path / "cli" / "manifest.json").is_file()

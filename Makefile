@@ -30,6 +30,7 @@ export-default: $(MODELS)/$(DEFAULT_MODEL)/manifest.json
 
 run: $(VENV)/.installed-run $(MODELS)/$(DEFAULT_MODEL)/manifest.json
 	$(BIN)/embedrank inspect $(MODELS)/$(DEFAULT_MODEL)
+	$(BIN)/embedrank serve --model-id $(MODELS)/$(DEFAULT_MODEL) --hostname $(HOST) --port $(PORT)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check service exporters tests loadtests

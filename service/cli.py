@@ -1,9 +1,78 @@
-"""The `embedrank` command: `export` a model to a bundle, `serve` bundles."""
+"""The `embedrank` command: `export` a model to a bundle, `serve` bundles, `inspect` a bundle."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+# CLI flag -> Settings field, for flags given as plain values (TEI's names).
+_SERVE_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--model-id", "model_id", str, "bundle directory (models/NAME) or Hugging Face model directory; repeatable"),
+    ("--served-model-name", "served_model_name", str, "name clients use in `model`; one per --model-id"),
+    ("--models-dir", "models_dir", Path, "where bundles exported at start-up are cached (default models/)"),
+    ("--hostname", "hostname", str, "address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)"),
+    ("--port", "port", int, "port (default 8080)"),
+    ("--device", "device", str, "auto | cpu | cuda"),
+    ("--dtype", "dtype", str, "auto | float32 | int8 | float16"),
+    ("--max-batch-tokens", "max_batch_tokens", int, "padded tokens per forward pass (default 16384)"),
+    ("--max-batch-requests", "max_batch_requests", int, "items per forward pass (default: token budget only)"),
+    ("--max-client-batch-size", "max_client_batch_size", int, "inputs per request (default 2048)"),
+    ("--max-concurrent-requests", "max_concurrent_requests", int, "requests admitted at once (default 512)"),
+    ("--payload-limit", "payload_limit", int, "largest request body in bytes (default 2000000)"),
+    ("--api-key", "api_key", str, "require Authorization: Bearer KEY"),
+    ("--default-prompt-name", "default_prompt_name", str, "prompt of the model prepended to every input"),
+    ("--default-prompt", "default_prompt", str, "literal prompt prepended to every input"),
+    ("--tokenization-workers", "tokenization_workers", int, "threads tokenizing large requests"),
+    ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per forward pass"),
+    ("--log-level", "log_level", str, "debug | info | warning | error"),
+]
+_BOOL_FLAGS = [
+    ("--auto-truncate", "auto_truncate", "truncate over-long inputs unless a request says otherwise (default true)"),
+    ("--json-output", "json_output", "log JSON lines"),
+    ("--warmup", "warmup", "warm up before reporting ready (default true)"),
+]
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, field, kind, help_text in _SERVE_FLAGS:
+        repeatable = field in ("model_id", "served_model_name")
+        parser.add_argument(flag, dest=field, type=kind, help=help_text, default=argparse.SUPPRESS,
+                            action="append" if repeatable else "store")
+    parser.add_argument("-p", dest="port", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for flag, field, help_text in _BOOL_FLAGS:
+        parser.add_argument(flag, dest=field, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                            help=help_text)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    given = {key: value for key, value in vars(args).items() if key != "command"}
+    for key in ("model_id", "served_model_name"):
+        if key in given:
+            given[key] = [part for value in given[key] for part in value.split(",") if part]
+    try:
+        settings = Settings(**given)
+    except ValidationError as error:
+        for detail in error.errors():
+            location = ".".join(str(part) for part in detail["loc"]) or "settings"
+            print(f"error: {location}: {detail['msg']}", file=sys.stderr)
+        return 2
+    from service.server import run_server
+
+    return run_server(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,22 +82,21 @@ def main(argv: list[str] | None = None) -> int:
 
     export = commands.add_parser("export", help="export a Hugging Face model to a verified ONNX bundle")
     add_arguments(export)
+    serve_parser = commands.add_parser("serve", help="serve bundles over HTTP (TEI flag names accepted)")
+    _add_serve_arguments(serve_parser)
     inspect = commands.add_parser("inspect", help="print a bundle's manifest summary")
     inspect.add_argument("bundle", help="bundle directory (models/NAME)")
     args = parser.parse_args(argv)
     if args.command == "inspect":
         return _inspect(args.bundle)
-    if args.command == "export":
-        from exporters.cli import run
+    if args.command == "serve":
+        return serve(args)
+    from exporters.cli import run
 
-        return run(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return run(args)
 
 
 def _inspect(bundle: str) -> int:
-    from pathlib import Path
-
     from exporters.cli import print_summary
     from service.core.manifest import ManifestError, load_manifest
 

@@ -59,7 +59,9 @@ class BundleModel:
 
     def forward_pooled(self, batch: EncodedBatch) -> NDArray[np.float32]:
         """Sentence embeddings before normalization (pooling and Dense applied)."""
-        hidden = self.engine.forward(batch)
+        return self.pool_hidden(self.engine.forward(batch), batch)
+
+    def pool_hidden(self, hidden: NDArray[np.float32], batch: EncodedBatch) -> NDArray[np.float32]:
         assert self.manifest.pooling is not None
         return self._dense(pool(hidden, batch.attention_mask, self.manifest.pooling))
 

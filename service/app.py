@@ -1,0 +1,172 @@
+"""The application factory: routes, error rendering, limits and the model lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import service
+from service.config import Settings
+from service.core.embed import Limits
+from service.core.loading import load_models
+from service.core.registry import ModelRegistry, batch_observer
+from service.engines.ort_engine import SessionConfig, default_intra_op_threads
+from service.errors import ApiError, ErrorKind, render_for_path
+from service.observability import Metrics
+from service.routes import openai as openai_routes
+from service.routes import tei as tei_routes
+
+logger = logging.getLogger("embedrank.app")
+
+
+class PayloadLimit:
+    """Refuse bodies over the limit with 413 before they are read whole (Content-Length or streamed)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = ApiError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body is larger than the {self.limit}-byte limit")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await render_for_path(scope["path"], error)(scope, receive, send)
+                return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise error
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class RequestMetrics:
+    """Count requests by route template and status, and their latency (pure ASGI: no body buffering)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, _header(scope, b"x-model"), str(status)).inc()
+            self.metrics.request_seconds.labels(route, "total").observe(time.perf_counter() - started)
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return ""
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    parts = []
+    for detail in error.errors()[:5]:
+        location = ".".join(str(part) for part in detail.get("loc", ()) if part != "body")
+        parts.append(f"{location or 'body'}: {detail.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(settings: Settings, registry: ModelRegistry | None = None) -> FastAPI:
+    """Build the app. With `registry` given (tests), those models are served as they are."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        models = registry
+        if models is None:
+            models = load_models(
+                settings.model_id, settings.served_model_name, settings.models_dir, settings.device, settings.dtype,
+                SessionConfig(intra_op_threads=settings.intra_op_threads or 0), settings.max_batch_tokens,
+                settings.max_batch_requests, warmup=settings.warmup)
+        start_batchers(models)
+        app.state.registry = models
+        app.state.ready = True
+        logger.info("ready: %s", ", ".join(models.names()))
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            models.stop()
+            app.state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="embedrank", version=service.__version__, lifespan=lifespan,
+                  description="Embeddings and rerank on ONNX Runtime, compatible with TEI, Infinity, OpenAI, "
+                  "Cohere and Jina clients.")
+    workers = settings.tokenization_workers or default_intra_op_threads()
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.ready = False
+    app.state.started_at = time.time()
+    app.state.tokenization_workers = workers
+    app.state.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
+    app.state.limits = Limits(settings.max_client_batch_size, settings.auto_truncate, settings.default_prompt,
+                              settings.default_prompt_name, settings.max_concurrent_requests)
+
+    def start_batchers(models: ModelRegistry) -> None:
+        for model in models.models:
+            if model.batcher is None:
+                model.start(settings.max_batch_tokens, settings.max_batch_requests, batch_observer(metrics, model.name))
+
+    if registry is not None:
+        start_batchers(registry)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> Response:
+        metrics.errors.labels(error.kind.value).inc()
+        return render_for_path(request.url.path, error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> Response:
+        metrics.errors.labels(ErrorKind.VALIDATION.value).inc()
+        return render_for_path(request.url.path, ApiError(ErrorKind.VALIDATION, _validation_message(error)))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> Response:
+        logger.error("unhandled error on %s", request.url.path, exc_info=error)
+        return render_for_path(request.url.path, ApiError(ErrorKind.BACKEND, "internal error"))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(tei_routes.router)
+    app.include_router(openai_routes.router)
+    app.add_middleware(PayloadLimit, limit=settings.payload_limit)  # type: ignore[arg-type]
+    app.add_middleware(RequestMetrics, metrics=metrics)  # type: ignore[arg-type]
+    return app

@@ -1,0 +1,205 @@
+"""DynamicBatcher: asyncio admission on the event loop, one worker thread running the engine.
+
+Requests are split into items; items wait in one queue per model. The worker takes the next batch
+as soon as the engine is free (no fixed wait: a lone request runs at once, and under load batches
+fill up by themselves while the previous one runs). Each request learns its result through one
+asyncio future, resolved from the worker with `call_soon_threadsafe` once its last item is done.
+A failed forward pass fails the requests in that batch only; the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.batching.policy import select_batch
+from service.engines.tokenizer import TokenizedItem
+from service.errors import ApiError, ErrorKind
+
+logger = logging.getLogger("embedrank.batcher")
+
+# Runs one forward pass: the items' tokens and, per item, the tag its request was submitted with.
+BatchRunner = Callable[[list[TokenizedItem], list[str]], Sequence[Any]]
+
+
+@dataclass
+class BatchStats:
+    """What the worker reports after each forward pass (for metrics)."""
+
+    size: int
+    padded_tokens: int
+    real_tokens: int
+    seconds: float
+    queue_depth: int
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """One client request in flight: its items' results and the future its handler awaits."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[Any]]
+    results: list[Any]
+    remaining: int
+    submitted: float = field(default_factory=time.perf_counter)
+    first_batch_started: float | None = None
+    last_batch_ended: float | None = None
+    inference_seconds: float = 0.0
+    tag: str = ""
+    cancelled: bool = False
+    failed: bool = False
+
+    @property
+    def queue_seconds(self) -> float:
+        return (self.first_batch_started or self.submitted) - self.submitted
+
+    def cancel(self) -> None:
+        """The caller went away: its queued items are dropped instead of computed."""
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Item:
+    request: PendingRequest
+    index: int
+    tokens: TokenizedItem
+
+
+def _resolve(request: PendingRequest) -> None:
+    if not request.future.done():
+        request.future.set_result(request.results)
+
+
+def _fail(request: PendingRequest, error: BaseException) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)
+
+
+class DynamicBatcher:
+    """One per model. `submit` is called on the event loop; `run_batch` runs on the worker thread."""
+
+    def __init__(self, name: str, run_batch: BatchRunner, max_batch_tokens: int, max_batch_requests: int | None,
+                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        self.name = name
+        self._run_batch = run_batch
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_requests = max_batch_requests
+        self._on_batch = on_batch
+        self._queue: deque[_Item] = deque()
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy or bool(self._queue)
+
+    def submit(self, items: Sequence[TokenizedItem], tag: str = "") -> PendingRequest:
+        """Queue a request's items; await `request.future` for the results in input order.
+
+        `tag` travels with every item to the batch runner (e.g. pooled vectors vs token embeddings).
+        """
+        loop = asyncio.get_running_loop()
+        request = PendingRequest(loop=loop, future=loop.create_future(), results=[None] * len(items),
+                                 remaining=len(items), tag=tag)
+        if not items:
+            request.future.set_result([])
+            return request
+        with self._condition:
+            if self._stopping:
+                raise ApiError(ErrorKind.UNHEALTHY, "the server is shutting down")
+            self._queue.extend(_Item(request, index, tokens) for index, tokens in enumerate(items))
+            self._condition.notify()
+        return request
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then end the worker."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join(timeout)
+
+    def _next_batch(self) -> list[_Item] | None:
+        with self._condition:
+            while True:
+                while self._queue and (self._queue[0].request.cancelled or self._queue[0].request.failed):
+                    self._queue.popleft()
+                if self._queue:
+                    break
+                if self._stopping:
+                    return None
+                self._condition.wait()
+            lookahead = max(512, 4 * (self.max_batch_requests or 0))
+            window = [self._queue[i] for i in range(min(len(self._queue), lookahead))]
+            live = [item for item in window if not (item.request.cancelled or item.request.failed)]
+            chosen_positions = select_batch([len(item.tokens) for item in live], self.max_batch_tokens,
+                                            self.max_batch_requests, lookahead)
+            chosen = [live[position] for position in chosen_positions]
+            chosen_ids = {id(item) for item in chosen}
+            # Cancelled and failed items are dropped here; only live, unchosen items go back.
+            remaining = [item for item in live if id(item) not in chosen_ids]
+            for _ in range(len(window)):
+                self._queue.popleft()
+            self._queue.extendleft(reversed(remaining))
+            self._busy = True
+            return chosen
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            finally:
+                self._busy = False
+
+    def _run(self, batch: list[_Item]) -> None:
+        started = time.perf_counter()
+        for item in batch:
+            if item.request.first_batch_started is None:
+                item.request.first_batch_started = started
+        try:
+            outputs = self._run_batch([item.tokens for item in batch], [item.request.tag for item in batch])
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"engine returned {len(outputs)} results for {len(batch)} inputs")
+        except Exception as error:  # any engine failure fails this batch only
+            logger.exception("forward pass failed for a batch of %d items", len(batch))
+            failure = ApiError(ErrorKind.BACKEND, f"Inference failed: {type(error).__name__}: {error}")
+            for request in {id(item.request): item.request for item in batch}.values():
+                request.failed = True
+                request.loop.call_soon_threadsafe(_fail, request, failure)
+            return
+        ended = time.perf_counter()
+        elapsed = ended - started
+        finished: dict[int, PendingRequest] = {}
+        touched: dict[int, PendingRequest] = {}
+        for item, output in zip(batch, outputs, strict=True):
+            request = item.request
+            request.results[item.index] = output
+            request.remaining -= 1
+            touched[id(request)] = request
+            if request.remaining == 0:
+                finished[id(request)] = request
+        for request in touched.values():
+            request.inference_seconds += elapsed
+            request.last_batch_ended = ended
+        for request in finished.values():
+            request.loop.call_soon_threadsafe(_resolve, request)
+        if self._on_batch is not None:
+            padded = max(len(item.tokens) for item in batch) * len(batch)
+            self._on_batch(BatchStats(size=len(batch), padded_tokens=padded,
+                                      real_tokens=sum(len(item.tokens) for item in batch),
+                                      seconds=elapsed, queue_depth=len(self._queue)))

@@ -1,0 +1,83 @@
+"""Settings: one pydantic-settings class, TEI's flag and environment names where TEI has the knob."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Environment variables use the SCREAMING_CASE of the field name."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True)
+
+    model_id: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bundle directories to serve (models/NAME), repeatable; a Hugging Face model directory that "
+        "is not a bundle yet is exported once into --models-dir. Comma-separated in MODEL_ID.")
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Names clients use in `model`, one per --model-id (default: the bundle name).")
+    models_dir: Path = Field(Path("models"), description="Where bundles exported at start-up are cached.")
+    hostname: str = Field("127.0.0.1", description="Address to bind. 0.0.0.0 exposes the server to the network.")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks CUDA when onnxruntime-gpu and a GPU are present, else the CPU.")
+    dtype: Literal["auto", "float32", "int8", "float16"] = Field(
+        "auto", description="Which bundle variant to run. auto: float16 on CUDA, float32 on CPU. int8 is faster "
+        "on CPUs at a small, measured accuracy cost (see the bundle manifest).")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Padded tokens per forward pass. Larger batches raise throughput and memory.")
+    max_batch_requests: int | None = Field(
+        None, ge=1, description="Items per forward pass (default: bounded by max_batch_tokens only).")
+    max_client_batch_size: int = Field(
+        2048, ge=1, description="Inputs accepted in one request; larger requests get 422.")
+    max_concurrent_requests: int = Field(
+        512, ge=1, description="Requests admitted at once; beyond it requests are refused with 429 at once "
+        "instead of queueing. Lower keeps latency bounded under overload.")
+    auto_truncate: bool = Field(
+        True, description="Truncate inputs longer than the model's max length when the request does not say; "
+        "false answers such inputs with 422 like TEI did before 1.9.")
+    payload_limit: int = Field(2_000_000, ge=1024, description="Largest request body in bytes (413 beyond).")
+    api_key: SecretStr | None = Field(None, description="If set, requests must send `Authorization: Bearer KEY`.")
+    default_prompt_name: str | None = Field(
+        None, description="Prompt (from the bundle's prompts) prepended to every input unless a request names "
+        "another.")
+    default_prompt: str | None = Field(None, description="Literal prompt prepended to every input.")
+    tokenization_workers: int | None = Field(
+        None, ge=1, description="Threads tokenizing large requests (default: CPU cores). Small inputs are "
+        "tokenized inline, which is faster than a thread hand-off.")
+    intra_op_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime threads per forward pass (default: available cores).")
+    json_output: bool = Field(False, description="Log JSON lines instead of text.")
+    log_level: str = Field("info", description="Logging level: debug, info, warning, error.")
+    warmup: bool = Field(True, description="Run warm-up batches before reporting ready.")
+
+    @field_validator("model_id", "served_model_name", mode="before")
+    @classmethod
+    def _split_lists(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError("log_level must be debug, info, warning, error or critical")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.served_model_name and len(self.served_model_name) != len(self.model_id):
+            raise ValueError("give one --served-model-name per --model-id")
+        if self.default_prompt and self.default_prompt_name:
+            raise ValueError("--default-prompt and --default-prompt-name are mutually exclusive")
+        return self

@@ -1,0 +1,241 @@
+"""Embedding use cases: validate, tokenize, queue, pool, post-process. No HTTP here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.batching.batcher import PendingRequest
+from service.core.registry import TAG_POOLED, TAG_TOKENS, ServedModel
+from service.engines.pooling import normalize as normalize_rows
+from service.engines.tokenizer import TextOrPair, TokenizedItem
+from service.errors import ApiError, ErrorKind
+
+# Inputs up to this many characters in total are tokenized on the event loop: a thread hand-off
+# costs more than tokenizing a few sentences.
+INLINE_TOKENIZE_CHARS = 4096
+# Like TEI: a cheap character pre-check before tokenizing, at this many characters per token.
+MAX_CHARS_PER_TOKEN = 250
+
+Input = str | list[int]
+WaitHook = Callable[[PendingRequest], Awaitable[list[Any]]]
+
+
+@dataclass
+class Limits:
+    max_client_batch_size: int
+    auto_truncate: bool
+    default_prompt: str | None = None
+    default_prompt_name: str | None = None
+    max_concurrent_requests: int = 512
+
+
+@dataclass
+class Timings:
+    """Milliseconds spent per phase, reported in TEI's x-* headers and in metrics."""
+
+    started: float = field(default_factory=time.perf_counter)
+    tokenization: float = 0.0
+    queue: float = 0.0
+    inference: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+@dataclass
+class Usage:
+    items: int
+    tokens: int
+    characters: int
+    truncated: int = 0
+
+
+@dataclass
+class EmbedResult:
+    vectors: NDArray[np.float32]
+    usage: Usage
+    timings: Timings
+
+
+@dataclass
+class TokenEmbeddingsResult:
+    tokens: list[NDArray[np.float32]]
+    usage: Usage
+    timings: Timings
+
+
+def resolve_prompt(model: ServedModel, limits: Limits, prompt_name: str | None) -> str:
+    if prompt_name is not None:
+        prompts = model.manifest.prompts
+        if prompt_name not in prompts:
+            known = ", ".join(sorted(prompts)) or "none"
+            raise ApiError(ErrorKind.VALIDATION,
+                           f"prompt_name '{prompt_name}' is not a prompt of this model (prompts: {known})",
+                           param="prompt_name")
+        return prompts[prompt_name]
+    if limits.default_prompt is not None:
+        return limits.default_prompt
+    if limits.default_prompt_name is not None:
+        return model.manifest.prompts.get(limits.default_prompt_name, "")
+    if model.manifest.default_prompt_name:
+        return model.manifest.prompts.get(model.manifest.default_prompt_name, "")
+    return ""
+
+
+def check_count(count: int, limits: Limits, field_name: str = "inputs") -> None:
+    if count == 0:
+        raise ApiError(ErrorKind.EMPTY, f"`{field_name}` cannot be empty", param=field_name)
+    if count > limits.max_client_batch_size:
+        raise ApiError(ErrorKind.VALIDATION,
+                       f"batch size {count} > maximum allowed batch size {limits.max_client_batch_size}",
+                       param=field_name)
+
+
+async def tokenize(model: ServedModel, items: Sequence[TextOrPair | list[int]], truncate: bool,
+                   direction: Literal["right", "left"], executor: Executor | None,
+                   timings: Timings) -> tuple[list[TokenizedItem], Usage]:
+    """Tokenize inputs (token-id inputs pass through), enforcing the model's max length."""
+    start = time.perf_counter()
+    max_length = model.manifest.max_length
+    texts: list[TextOrPair] = []
+    positions: list[int] = []
+    tokenized: list[TokenizedItem | None] = [None] * len(items)
+    characters = 0
+    for position, item in enumerate(items):
+        if isinstance(item, list):
+            if not item:
+                raise ApiError(ErrorKind.EMPTY, "token id inputs cannot be empty")
+            ids = item
+            if len(ids) > max_length:
+                if not truncate:
+                    raise ApiError(ErrorKind.VALIDATION, f"`inputs` must have less than {max_length} tokens. "
+                                   f"Given: {len(ids)}")
+                ids = ids[:max_length] if direction == "right" else ids[-max_length:]
+            tokenized[position] = TokenizedItem(ids=ids, type_ids=[0] * len(ids), truncated=len(ids) < len(item))
+            continue
+        length = len(item[0]) + len(item[1]) if isinstance(item, tuple) else len(item)
+        characters += length
+        if not truncate and length > max_length * MAX_CHARS_PER_TOKEN:
+            raise ApiError(ErrorKind.VALIDATION,
+                           f"`inputs` must have less than {max_length * MAX_CHARS_PER_TOKEN} characters")
+        texts.append(item)
+        positions.append(position)
+    if texts:
+        def work() -> list[TokenizedItem]:
+            return model.bundle.tokenizer.encode(texts, truncate=truncate, direction=direction)
+
+        try:
+            if characters <= INLINE_TOKENIZE_CHARS or executor is None:
+                encoded = work()
+            else:
+                encoded = await asyncio.get_running_loop().run_in_executor(executor, work)
+        except Exception as error:  # tokenizers raises its own exception type for bad input
+            raise ApiError(ErrorKind.TOKENIZER, f"tokenization failed: {error}") from None
+        for position, encoding in zip(positions, encoded, strict=True):
+            tokenized[position] = encoding
+    result = [encoded_item for encoded_item in tokenized if encoded_item is not None]
+    for encoded_item in result:
+        if len(encoded_item) > max_length:
+            raise ApiError(ErrorKind.VALIDATION,
+                           f"`inputs` must have less than {max_length} tokens. Given: {len(encoded_item)}")
+    timings.tokenization = (time.perf_counter() - start) * 1000
+    usage = Usage(items=len(result), tokens=sum(len(e) for e in result), characters=characters,
+                  truncated=sum(e.truncated for e in result))
+    return result, usage
+
+
+@contextlib.contextmanager
+def admitted(model: ServedModel, limits: Limits) -> Iterator[None]:
+    """Hold one of the model's request slots from arrival to answer; refuse at once when none is free.
+
+    The slot is taken before tokenization, so a flood of large requests cannot slip past the limit
+    while it is being tokenized.
+    """
+    if model.in_flight >= limits.max_concurrent_requests:
+        raise ApiError(ErrorKind.OVERLOADED, "Model is overloaded", retry_after=1)
+    model.in_flight += 1
+    try:
+        yield
+    finally:
+        model.in_flight -= 1
+
+
+async def run(model: ServedModel, items: list[TokenizedItem], tag: str, timings: Timings,
+              wait: WaitHook | None) -> list[Any]:
+    assert model.batcher is not None
+    pending = model.batcher.submit(items, tag)
+    try:
+        results = await (wait(pending) if wait is not None else pending.future)
+    finally:
+        if not pending.future.done():
+            pending.cancel()
+    timings.queue = pending.queue_seconds * 1000
+    timings.inference = pending.inference_seconds * 1000
+    return results
+
+
+def _with_prompt(inputs: Sequence[Input], prompt: str) -> list[Input]:
+    if not prompt:
+        return list(inputs)
+    return [prompt + item if isinstance(item, str) else item for item in inputs]
+
+
+async def embed(model: ServedModel, inputs: Sequence[Input], *, limits: Limits, normalize: bool = True,
+                truncate: bool | None = None, direction: Literal["right", "left"] = "right",
+                prompt_name: str | None = None, dimensions: int | None = None,
+                executor: Executor | None = None, wait: WaitHook | None = None) -> EmbedResult:
+    """Sentence embeddings for `inputs`, in order; `dimensions` truncates, then re-normalizes."""
+    check_count(len(inputs), limits)
+    if dimensions is not None:
+        if dimensions <= 0:
+            raise ApiError(ErrorKind.VALIDATION, "`dimensions` should be positive", param="dimensions")
+        if dimensions > model.manifest.dimensions:
+            raise ApiError(ErrorKind.VALIDATION, f"`dimensions` {dimensions} is larger than the model's "
+                           f"{model.manifest.dimensions}", param="dimensions")
+    timings = Timings()
+    prompt = resolve_prompt(model, limits, prompt_name)
+    with admitted(model, limits):
+        items, usage = await tokenize(model, _with_prompt(inputs, prompt),
+                                      limits.auto_truncate if truncate is None else truncate, direction, executor,
+                                      timings)
+        rows = await run(model, items, TAG_POOLED, timings, wait)
+    vectors = np.stack(rows).astype(np.float32, copy=False)
+    if dimensions is not None and dimensions < vectors.shape[1]:
+        vectors = np.ascontiguousarray(vectors[:, :dimensions])
+    if normalize:
+        vectors = normalize_rows(vectors)
+    if not np.isfinite(vectors).all():
+        raise ApiError(ErrorKind.BACKEND, "the model produced non-finite values (NaN or infinity)")
+    return EmbedResult(vectors, usage, timings)
+
+
+async def embed_tokens(model: ServedModel, inputs: Sequence[Input], *, limits: Limits,
+                       truncate: bool | None = None, direction: Literal["right", "left"] = "right",
+                       prompt_name: str | None = None, executor: Executor | None = None,
+                       wait: WaitHook | None = None) -> TokenEmbeddingsResult:
+    """Per-token hidden states (no pooling) for each input."""
+    check_count(len(inputs), limits)
+    timings = Timings()
+    prompt = resolve_prompt(model, limits, prompt_name)
+    with admitted(model, limits):
+        items, usage = await tokenize(model, _with_prompt(inputs, prompt),
+                                      limits.auto_truncate if truncate is None else truncate, direction, executor,
+                                      timings)
+        rows = await run(model, items, TAG_TOKENS, timings, wait)
+    return TokenEmbeddingsResult(rows, usage, timings)
+
+
+def cosine_to_first(vectors: NDArray[np.float32]) -> list[float]:
+    """Cosine similarity of rows 1.. to row 0."""
+    normed = normalize_rows(vectors)
+    return [float(value) for value in normed[1:] @ normed[0]]

@@ -1,0 +1,134 @@
+"""Start-up: find or build each bundle, pick device and variant, warm up, start its batcher."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from service.core.manifest import MANIFEST_FILE, ManifestError, load_manifest
+from service.core.registry import ModelRegistry, ServedModel
+from service.engines.bundle import BundleModel
+from service.engines.ort_engine import EngineError, SessionConfig, cuda_available
+from service.engines.tokenizer import TokenizedItem
+
+logger = logging.getLogger("embedrank.loading")
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message says why and what to do."""
+
+
+def bundle_directory(model_id: str, models_dir: Path) -> Path:
+    """A bundle as given, or a Hugging Face directory exported once into `models_dir`."""
+    path = Path(model_id).expanduser()
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    if not (path / "config.json").is_file():
+        raise StartupError(
+            f"--model-id {model_id}: not a bundle ({MANIFEST_FILE} missing) and not a Hugging Face model directory; "
+            f"create a bundle with: embedrank export SOURCE --name NAME --output {models_dir}")
+    cached = models_dir / path.resolve().name
+    if (cached / MANIFEST_FILE).is_file():
+        try:
+            if load_manifest(cached, verify_files=False).source.get("id") == str(path.resolve()):
+                logger.info("using bundle %s exported earlier from %s", cached, path)
+                return cached
+        except ManifestError:
+            pass
+    try:
+        import torch  # noqa: F401
+
+        import exporters.pipeline  # noqa: F401  (only to learn whether the export extra is installed)
+    except ImportError:
+        raise StartupError(
+            f"{model_id} is a Hugging Face model directory, not a bundle, and the export extra is not installed "
+            f"here. Run: pip install 'embedrank[export]' && embedrank export {path} --name {cached.name} "
+            f"--int8 --output {models_dir}, then serve --model-id {cached}") from None
+    logger.info("exporting %s to %s (once; later starts reuse it)", path, cached)
+    # A child process keeps torch out of the server process.
+    command = [sys.executable, "-m", "exporters", str(path), "--name", cached.name, "--int8",
+               "--output", str(models_dir)]
+    if subprocess.run(command, check=False).returncode != 0:
+        raise StartupError(f"exporting {model_id} failed (see the exporter's output above)")
+    return cached
+
+
+def choose_device(requested: str) -> str:
+    if requested == "cuda":
+        if not cuda_available():
+            raise StartupError("--device cuda: no usable CUDA device (install the gpu extra, onnxruntime-gpu, "
+                               "on a machine with an NVIDIA GPU and driver)")
+        return "cuda"
+    if requested == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+        logger.info("device auto: using %s%s", device,
+                    "" if device == "cuda" else " (no onnxruntime-gpu with a visible GPU)")
+        return device
+    return "cpu"
+
+
+def choose_variant(available: list[str], dtype: str, device: str, bundle: Path) -> str:
+    if dtype == "auto":
+        if device == "cuda" and "float16" in available:
+            return "float16"
+        return "float32"
+    if dtype not in available:
+        raise StartupError(f"--dtype {dtype}: bundle {bundle} has no {dtype} variant (it has "
+                           f"{', '.join(available)}); re-export with "
+                           f"{'--int8' if dtype == 'int8' else '--fp16'} to add it")
+    return dtype
+
+
+def warm_up(model: ServedModel, max_batch_tokens: int, max_batch_requests: int | None) -> None:
+    """Run the shapes the batcher will use: a lone short input, a full batch of short ones, and the
+    longest inputs at the widest batch the token budget allows (capped to keep start-up quick)."""
+    max_length = model.manifest.max_length
+    limit = max_batch_requests or 1 << 30
+    shapes = [(1, 8), (min(32, limit), 16)]
+    rows = max(1, min(limit, min(max_batch_tokens, 4096) // max_length))
+    shapes.append((rows, max_length))
+    token_id = model.bundle.tokenizer.pad_id + 1 if model.bundle.tokenizer.pad_id == 0 else 5
+    tags = "logits" if model.task != "embed" else "pooled"
+    for count, length in shapes:
+        items = [TokenizedItem(ids=[token_id] * length, type_ids=[0] * length, truncated=False)] * count
+        model.run_batch(items, [tags] * count)
+
+
+def load_models(model_ids: list[str], served_names: list[str], models_dir: Path, device: str, dtype: str,
+                session_config: SessionConfig, max_batch_tokens: int, max_batch_requests: int | None,
+                warmup: bool = True) -> ModelRegistry:
+    """Load every model (batchers are started by the app, which owns the metrics)."""
+    if not model_ids:
+        raise StartupError("no model to serve: pass --model-id models/NAME (or set MODEL_ID)")
+    chosen_device = choose_device(device)
+    served: list[ServedModel] = []
+    for position, model_id in enumerate(model_ids):
+        started = time.perf_counter()
+        directory = bundle_directory(model_id, models_dir)
+        try:
+            manifest = load_manifest(directory)
+        except ManifestError as error:
+            raise StartupError(str(error)) from None
+        variant = choose_variant(list(manifest.variants), dtype, chosen_device, directory)
+        if chosen_device == "cuda" and dtype == "auto" and variant != "float16":
+            logger.info("%s has no float16 variant; running float32 on CUDA", directory)
+        try:
+            bundle = BundleModel(directory, variant=variant, device=chosen_device,  # type: ignore[arg-type]
+                                 session_config=session_config, manifest=manifest)
+        except (EngineError, KeyError, ValueError, OSError) as error:
+            raise StartupError(f"cannot load {directory}: {error}") from None
+        name = served_names[position] if served_names else manifest.name
+        model = ServedModel(name=name, bundle=bundle, variant=variant, device=chosen_device,
+                            aliases=[alias for alias in {manifest.name, str(model_id), manifest.source.get("id")}
+                                     if alias and alias != name])
+        if any(existing.name == name for existing in served):
+            raise StartupError(f"two models are served as '{name}'; use --served-model-name to tell them apart")
+        if warmup:
+            warm_up(model, max_batch_tokens, max_batch_requests)
+        logger.info("serving %s (%s, %s %s) from %s, ready in %.2fs", name, manifest.task, chosen_device, variant,
+                    directory, time.perf_counter() - started)
+        served.append(model)
+    return ModelRegistry(served)

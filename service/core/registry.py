@@ -1,0 +1,122 @@
+"""Served models: a bundle, its engine and its batcher, looked up by name or alias."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.batching.batcher import BatchStats, DynamicBatcher
+from service.core.manifest import Manifest
+from service.engines.bundle import BundleModel
+from service.engines.tokenizer import TokenizedItem
+from service.errors import ApiError, ErrorKind
+
+TAG_POOLED = "pooled"
+TAG_TOKENS = "tokens"
+TAG_LOGITS = "logits"
+
+CAPABILITIES = {"embed": ["embed"], "rerank": ["rerank"], "classify": ["classify"]}
+
+
+@dataclass(eq=False)
+class ServedModel:
+    name: str
+    bundle: BundleModel
+    variant: str
+    device: str
+    aliases: list[str] = field(default_factory=list)
+    batcher: DynamicBatcher | None = None
+    in_flight: int = 0
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    @property
+    def task(self) -> str:
+        return self.manifest.task
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.bundle.bundle_dir
+
+    @property
+    def capabilities(self) -> list[str]:
+        return CAPABILITIES[self.task]
+
+    def run_batch(self, items: list[TokenizedItem], tags: list[str]) -> Sequence[Any]:
+        """One forward pass (on the batcher's thread); one result per item, as its tag asks."""
+        batch = self.bundle.tokenizer.pad(items)
+        if self.task != "embed":
+            return list(self.bundle.forward_logits(batch))
+        if TAG_TOKENS not in tags:
+            return list(self.bundle.forward_pooled(batch))
+        hidden = self.bundle.forward_tokens(batch)
+        pooled = self.bundle.pool_hidden(hidden, batch) if TAG_POOLED in tags else None
+        results: list[Any] = []
+        for row, (item, tag) in enumerate(zip(items, tags, strict=True)):
+            if tag == TAG_TOKENS:
+                results.append(np.array(hidden[row, :len(item)], dtype=np.float32))
+            else:
+                assert pooled is not None
+                results.append(pooled[row])
+        return results
+
+    def start(self, max_batch_tokens: int, max_batch_requests: int | None,
+              on_batch: Any = None) -> None:
+        self.batcher = DynamicBatcher(self.name, self.run_batch, max_batch_tokens, max_batch_requests, on_batch)
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+
+
+class ModelRegistry:
+    """The models of this server, in the order they were given."""
+
+    def __init__(self, models: list[ServedModel]) -> None:
+        self.models = models
+
+    def names(self) -> list[str]:
+        return [model.name for model in self.models]
+
+    def get(self, name: str | None, task: str, surface_accepts_any: bool = False) -> ServedModel:
+        """Find the model for a request.
+
+        With a name: the model served under it (or an alias). Without one, or with a name this server
+        does not know while exactly one model can do the task (as TEI and Infinity do with one
+        model): the first model that can do the task.
+        """
+        capable = [model for model in self.models if task in model.capabilities]
+        if name:
+            for model in self.models:
+                if name == model.name or name in model.aliases:
+                    if task not in model.capabilities:
+                        raise ApiError(ErrorKind.WRONG_TASK,
+                                       f"model '{model.name}' is a {model.task} model and cannot {task}; "
+                                       f"models that can: {', '.join(m.name for m in capable) or 'none'}",
+                                       param="model")
+                    return model
+            if not (surface_accepts_any and len(capable) == 1):
+                raise ApiError(ErrorKind.NOT_FOUND,
+                               f"model '{name}' is not served here; served models: {', '.join(self.names())}",
+                               param="model")
+        if not capable:
+            raise ApiError(ErrorKind.WRONG_TASK,
+                           f"no served model can {task}; served: "
+                           + ", ".join(f"{m.name} ({m.task})" for m in self.models))
+        return capable[0]
+
+    def stop(self) -> None:
+        for model in self.models:
+            model.stop()
+
+
+def batch_observer(metrics: Any, model_name: str) -> Any:
+    def observe(stats: BatchStats) -> None:
+        metrics.observe_batch(model_name, stats)
+    return observe

@@ -1,0 +1,79 @@
+"""Helpers shared by route handlers: model lookup, disconnect-aware waiting, fast JSON responses."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from fastapi import Request
+from starlette.responses import Response
+
+from service.batching.batcher import PendingRequest
+from service.core.embed import Limits, Timings, Usage, WaitHook
+from service.core.registry import ModelRegistry, ServedModel
+from service.errors import ApiError, ErrorKind
+
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def registry(request: Request) -> ModelRegistry:
+    value: ModelRegistry = request.app.state.registry
+    return value
+
+
+def limits(request: Request) -> Limits:
+    value: Limits = request.app.state.limits
+    return value
+
+
+def model_for(request: Request, name: str | None, task: str, accepts_any: bool = False) -> ServedModel:
+    return registry(request).get(name, task, accepts_any)
+
+
+def until_disconnect(request: Request) -> WaitHook:
+    """Wait for the batcher, but drop the request's queued items if the client goes away."""
+
+    async def wait(pending: PendingRequest) -> list[Any]:
+        async def disconnected() -> None:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        watcher: asyncio.Future[Any] = asyncio.ensure_future(disconnected())
+        waiting: set[asyncio.Future[Any]] = {pending.future, watcher}
+        try:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if pending.future in done:
+            return pending.future.result()
+        pending.cancel()
+        raise ApiError(ErrorKind.CANCELLED, "client disconnected")
+
+    return wait
+
+
+def json_response(body: Any, timings: Timings | None = None, usage: Usage | None = None,
+                  compute_type: str = "cpu", status_code: int = 200) -> Response:
+    headers = {}
+    if timings is not None:
+        total = timings.total
+        headers = {
+            "x-compute-type": compute_type,
+            "x-compute-time": f"{total:.3f}",
+            "x-total-time": f"{total:.3f}",
+            "x-tokenization-time": f"{timings.tokenization:.3f}",
+            "x-queue-time": f"{timings.queue:.3f}",
+            "x-inference-time": f"{timings.inference:.3f}",
+        }
+    if usage is not None:
+        headers["x-compute-characters"] = str(usage.characters)
+        headers["x-compute-tokens"] = str(usage.tokens)
+    return Response(orjson.dumps(body, option=_JSON_OPTIONS), status_code=status_code,
+                    media_type="application/json", headers=headers)
+
+
+def compute_type(model: ServedModel) -> str:
+    return f"{'gpu' if model.device == 'cuda' else 'cpu'}+{model.variant}"

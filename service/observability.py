@@ -1,0 +1,67 @@
+"""Prometheus metrics (one registry per app) and logging setup."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.batching.batcher import BatchStats
+
+_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TOKENS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("embedrank_requests_total", "Requests by route, model and status code",
+                                ["route", "model", "status"], registry=self.registry)
+        self.request_seconds = Histogram("embedrank_request_duration_seconds", "Request latency by phase",
+                                         ["route", "phase"], buckets=_SECONDS, registry=self.registry)
+        self.batch_size = Histogram("embedrank_batch_size", "Items per forward pass", ["model"],
+                                    buckets=_BATCH_SIZES, registry=self.registry)
+        self.batch_tokens = Histogram("embedrank_batch_tokens", "Padded tokens per forward pass", ["model"],
+                                      buckets=_TOKENS, registry=self.registry)
+        self.batch_seconds = Histogram("embedrank_batch_inference_seconds", "Forward pass time", ["model"],
+                                       buckets=_SECONDS, registry=self.registry)
+        self.queue_depth = Gauge("embedrank_queue_depth", "Items waiting for a forward pass", ["model"],
+                                 registry=self.registry)
+        self.tokens = Counter("embedrank_tokens_total", "Real (unpadded) tokens processed", ["model"],
+                              registry=self.registry)
+        self.padding = Counter("embedrank_padding_tokens_total", "Padding tokens computed", ["model"],
+                               registry=self.registry)
+        self.errors = Counter("embedrank_errors_total", "Errors by kind", ["kind"], registry=self.registry)
+
+    def observe_batch(self, model: str, stats: BatchStats) -> None:
+        self.batch_size.labels(model).observe(stats.size)
+        self.batch_tokens.labels(model).observe(stats.padded_tokens)
+        self.batch_seconds.labels(model).observe(stats.seconds)
+        self.queue_depth.labels(model).set(stats.queue_depth)
+        self.tokens.labels(model).inc(stats.real_tokens)
+        self.padding.labels(model).inc(stats.padded_tokens - stats.real_tokens)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            "level": record.levelname, "target": record.name, "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, json_output: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_output else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

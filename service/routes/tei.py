@@ -1,0 +1,156 @@
+"""Text Embeddings Inference routes: /embed, /embed_all, /similarity, /tokenize, /decode, /info, /health."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+import service
+from service import deps
+from service.core import embed as core
+from service.errors import ApiError, ErrorKind, openapi_responses
+from service.protocols import tei
+
+router = APIRouter(tags=["TEI"])
+ERRORS = openapi_responses(ErrorKind.EMPTY, ErrorKind.VALIDATION, ErrorKind.BACKEND, ErrorKind.OVERLOADED)
+MODEL_HEADER = "x-model"
+
+
+def _model_name(request: Request) -> str | None:
+    """TEI routes have no `model` field: choose with the X-Model header or the ?model= query parameter."""
+    return request.headers.get(MODEL_HEADER) or request.query_params.get("model")
+
+
+@router.post("/embed", responses=ERRORS)
+async def embed(body: tei.EmbedRequest, request: Request) -> Response:
+    """Sentence embeddings, one vector per input.
+
+    `curl localhost:8080/embed -H 'Content-Type: application/json' -d '{"inputs": "What is Deep Learning?"}'`
+    """
+    model = deps.model_for(request, _model_name(request), "embed")
+    result = await core.embed(
+        model, tei.flatten_inputs(body.inputs), limits=deps.limits(request), normalize=body.normalize,
+        truncate=body.truncate, direction=body.truncation_direction, prompt_name=body.prompt_name,
+        dimensions=body.dimensions, executor=request.app.state.executor, wait=deps.until_disconnect(request))
+    return deps.json_response(result.vectors, result.timings, result.usage, deps.compute_type(model))
+
+
+@router.post("/embed_all", responses=ERRORS)
+async def embed_all(body: tei.EmbedAllRequest, request: Request) -> Response:
+    """Token embeddings (last hidden states, no pooling) per input.
+
+    `curl localhost:8080/embed_all -H 'Content-Type: application/json' -d '{"inputs": "Hello"}'`
+    """
+    model = deps.model_for(request, _model_name(request), "embed")
+    result = await core.embed_tokens(
+        model, tei.flatten_inputs(body.inputs), limits=deps.limits(request), truncate=body.truncate,
+        direction=body.truncation_direction, prompt_name=body.prompt_name, executor=request.app.state.executor,
+        wait=deps.until_disconnect(request))
+    return deps.json_response(result.tokens, result.timings, result.usage, deps.compute_type(model))
+
+
+@router.post("/similarity", responses=ERRORS)
+async def similarity(body: tei.SimilarityRequest, request: Request) -> Response:
+    """Cosine similarity of each sentence to the source sentence.
+
+    `curl localhost:8080/similarity -H 'Content-Type: application/json'
+    -d '{"inputs": {"source_sentence": "a cat", "sentences": ["a dog", "a car"]}}'`
+    """
+    model = deps.model_for(request, _model_name(request), "embed")
+    parameters = body.parameters or tei.SimilarityParameters()
+    core.check_count(len(body.inputs.sentences), deps.limits(request), "sentences")
+    result = await core.embed(
+        model, [body.inputs.source_sentence, *body.inputs.sentences], limits=_plus_one(deps.limits(request)),
+        truncate=parameters.truncate, direction=parameters.truncation_direction, prompt_name=parameters.prompt_name,
+        executor=request.app.state.executor, wait=deps.until_disconnect(request))
+    return deps.json_response(core.cosine_to_first(result.vectors), result.timings, result.usage,
+                              deps.compute_type(model))
+
+
+def _plus_one(limits: core.Limits) -> core.Limits:
+    return core.Limits(limits.max_client_batch_size + 1, limits.auto_truncate, limits.default_prompt,
+                       limits.default_prompt_name, limits.max_concurrent_requests)
+
+
+@router.post("/tokenize", responses=ERRORS)
+async def tokenize(body: tei.TokenizeRequest, request: Request) -> Response:
+    """Tokens of each input with ids, text, special flag and character offsets.
+
+    `curl localhost:8080/tokenize -H 'Content-Type: application/json' -d '{"inputs": "test"}'`
+    """
+    model = deps.registry(request).get(_model_name(request), "embed") if _has_embedder(request) else \
+        deps.registry(request).models[0]
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    core.check_count(len(texts), deps.limits(request))
+    prompt = core.resolve_prompt(model, deps.limits(request), body.prompt_name)
+    tokenizer = model.bundle.tokenizer
+    special = tokenizer.special_token_ids()
+    encodings = tokenizer.encode_raw([prompt + text for text in texts], add_special_tokens=body.add_special_tokens)
+    output = []
+    for text, encoding in zip(texts, encodings, strict=True):
+        full = prompt + text
+        tokens: list[dict[str, object]] = []
+        for token_id, (start, stop) in zip(encoding.ids, encoding.offsets, strict=True):
+            is_special = token_id in special
+            tokens.append({"id": token_id, "text": encoding.tokens[len(tokens)] if is_special else full[start:stop],
+                           "special": is_special, "start": None if is_special else start,
+                           "stop": None if is_special else stop})
+        output.append(tokens)
+    return deps.json_response(output)
+
+
+def _has_embedder(request: Request) -> bool:
+    return any(model.task == "embed" for model in deps.registry(request).models)
+
+
+@router.post("/decode", responses=ERRORS)
+async def decode(body: tei.DecodeRequest, request: Request) -> Response:
+    """Text of token ids.
+
+    `curl localhost:8080/decode -H 'Content-Type: application/json' -d '{"ids": [101, 3231, 102]}'`
+    """
+    model = deps.registry(request).models[0]
+    ids = body.ids
+    batches: list[list[int]] = [ids] if not ids or isinstance(ids[0], int) else ids  # type: ignore[list-item]
+    if not batches or not any(batches):
+        raise ApiError(ErrorKind.EMPTY, "`ids` cannot be empty", param="ids")
+    return deps.json_response(model.bundle.tokenizer.decode(batches, body.skip_special_tokens))
+
+
+@router.get("/info", response_model=tei.Info)
+async def info(request: Request) -> Response:
+    """Model and server facts (TEI's discovery route).
+
+    `curl localhost:8080/info`
+    """
+    model = deps.registry(request).get(_model_name(request), "embed") if _has_embedder(request) else \
+        deps.registry(request).models[0]
+    settings = request.app.state.settings
+    manifest = model.manifest
+    if manifest.task == "embed":
+        model_type: dict[str, object] = {"embedding": {"pooling": manifest.pooling}}
+    else:
+        key = "reranker" if manifest.task == "rerank" else "classifier"
+        model_type = {key: {"id2label": manifest.id2label,
+                            "label2id": {label: index for index, label in enumerate(manifest.labels)}}}
+    body = {
+        "model_id": str(manifest.source.get("id") or model.bundle_dir), "model_sha": manifest.source.get("revision"),
+        "model_dtype": model.variant, "served_model_name": model.name, "model_type": model_type,
+        "max_concurrent_requests": settings.max_concurrent_requests, "max_input_length": manifest.max_length,
+        "max_batch_tokens": settings.max_batch_tokens, "max_batch_requests": settings.max_batch_requests,
+        "max_client_batch_size": settings.max_client_batch_size, "auto_truncate": settings.auto_truncate,
+        "tokenization_workers": request.app.state.tokenization_workers, "version": service.__version__,
+        "sha": None, "docker_label": None,
+    }
+    return deps.json_response(body)
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 with an empty body when the server is up and its models are loaded; 503 when shutting down.
+
+    `curl -i localhost:8080/health`
+    """
+    if not request.app.state.ready:
+        raise ApiError(ErrorKind.UNHEALTHY, "unhealthy")
+    return Response(status_code=200)

@@ -1,0 +1,38 @@
+"""Run the app under uvicorn; start-up errors become a clear message and exit code 1."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from service.config import Settings
+from service.core.loading import StartupError
+
+logger = logging.getLogger("embedrank.server")
+
+
+def run_server(settings: Settings) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.core.loading import load_models
+    from service.engines.ort_engine import SessionConfig
+    from service.observability import configure_logging
+
+    configure_logging(settings.log_level, settings.json_output)
+    try:
+        registry = load_models(
+            settings.model_id, settings.served_model_name, settings.models_dir, settings.device, settings.dtype,
+            SessionConfig(intra_op_threads=settings.intra_op_threads or 0), settings.max_batch_tokens,
+            settings.max_batch_requests, warmup=settings.warmup)
+    except StartupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    app = create_app(settings, registry)
+    config = uvicorn.Config(app, host=settings.hostname, port=settings.port, log_config=None, access_log=False,
+                            loop="auto", http="auto", lifespan="on", timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        return 1
+    return 0

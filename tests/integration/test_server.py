@@ -1,0 +1,133 @@
+"""A real uvicorn server on 127.0.0.1 serving the real all-MiniLM-L6-v2 bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers.server import RunningServer, running_server
+
+TEXTS = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium.", "北京是中国的首都"]
+
+
+@pytest.fixture(scope="module")
+def server(minilm_bundle: Path, work_dir: Path) -> Iterator[RunningServer]:
+    with running_server(["--model-id", str(minilm_bundle), "--served-model-name", "all-MiniLM-L6-v2"],
+                        work_dir / "logs") as running:
+        yield running
+
+
+def _st_vectors(source: Path, texts: list[str]) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(source), device="cpu").encode(texts, convert_to_numpy=True)
+
+
+def test_openai_sdk_matches_sentence_transformers(server: RunningServer, minilm_source: Path) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    reference = _st_vectors(minilm_source, TEXTS)
+    # Left unset, the SDK asks for base64 and decodes it itself; check that path and plain floats.
+    for options in ({}, {"encoding_format": "float"}):
+        response = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS, **options)  # type: ignore[arg-type]
+        vectors = np.array([item.embedding for item in response.data], dtype=np.float64)
+        norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
+        cosines = (vectors * reference).sum(axis=1) / norms
+        assert cosines.min() >= 0.9999
+        assert response.model == "all-MiniLM-L6-v2"
+        assert response.usage.prompt_tokens > len(TEXTS)
+    single = client.embeddings.create(model="all-MiniLM-L6-v2", input="hello", dimensions=128)
+    assert len(single.data[0].embedding) == 128
+    models = client.models.list()
+    assert [model.id for model in models.data] == ["all-MiniLM-L6-v2"]
+
+
+def test_tei_embed_matches_sentence_transformers(server: RunningServer, minilm_source: Path) -> None:
+    vectors = np.array(httpx.post(server.url + "/embed", json={"inputs": TEXTS}, timeout=30).json())
+    assert np.allclose(vectors, _st_vectors(minilm_source, TEXTS), atol=1e-4)
+
+
+async def _concurrent(url: str, texts: list[str]) -> list[list[float]]:
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        responses = await asyncio.gather(*(client.post("/embed", json={"inputs": text}) for text in texts))
+    assert all(response.status_code == 200 for response in responses)
+    return [response.json()[0] for response in responses]
+
+
+def _batch_size_histogram(url: str) -> dict[str, float]:
+    metrics = httpx.get(url + "/metrics").text
+    return {bucket: float(count) for bucket, count in
+            re.findall(r'embedrank_batch_size_bucket\{le="([^"]+)",model="[^"]+"\} ([0-9.e+]+)', metrics)}
+
+
+def test_200_concurrent_requests_equal_serial_and_share_batches(server: RunningServer) -> None:
+    texts = [f"request number {index} about topic {index % 7}" for index in range(200)]
+    serial = [httpx.post(server.url + "/embed", json={"inputs": text}, timeout=30).json()[0] for text in texts[:40]]
+    before = _batch_size_histogram(server.url)
+    concurrent = asyncio.run(_concurrent(server.url, texts))
+    after = _batch_size_histogram(server.url)
+    assert np.allclose(np.array(concurrent[:40]), np.array(serial), atol=2e-5)
+    singles = after["1.0"] - before.get("1.0", 0.0)
+    batches = after["+Inf"] - before.get("+Inf", 0.0)
+    assert batches > singles, "concurrent requests should have been batched together"
+    assert batches < 200
+
+
+def test_server_process_never_imports_torch(server: RunningServer) -> None:
+    maps = Path(f"/proc/{server.process.pid}/maps").read_text()
+    assert "libtorch" not in maps and "onnxruntime" in maps
+
+
+def test_health_answers_while_a_long_batch_runs(server: RunningServer) -> None:
+    async def scenario() -> float:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            long_inputs = ["word " * 300] * 256
+            heavy = asyncio.create_task(client.post("/embed", json={"inputs": long_inputs}))
+            await asyncio.sleep(0.05)
+            started = asyncio.get_running_loop().time()
+            health = await client.get("/health")
+            elapsed = asyncio.get_running_loop().time() - started
+            assert health.status_code == 200
+            assert (await heavy).status_code == 200
+            return elapsed
+
+    assert asyncio.run(scenario()) < 0.5
+
+
+def test_overload_is_refused_with_429(minilm_bundle: Path, work_dir: Path) -> None:
+    with running_server(["--model-id", str(minilm_bundle), "--max-concurrent-requests", "2"],
+                        work_dir / "logs") as small:
+        async def flood() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=small.url, timeout=60,
+                                         limits=httpx.Limits(max_connections=64)) as client:
+                return await asyncio.gather(*(client.post("/embed", json={"inputs": ["word " * 200] * 8})
+                                              for _ in range(40)))
+
+        responses = asyncio.run(flood())
+        statuses = {response.status_code for response in responses}
+        assert statuses <= {200, 429} and statuses == {200, 429}
+        refused = next(response for response in responses if response.status_code == 429)
+        assert refused.json() == {"error": "Model is overloaded", "error_type": "Overloaded"}
+        assert refused.headers["retry-after"] == "1"
+        assert httpx.post(small.url + "/embed", json={"inputs": "after the flood"}).status_code == 200
+
+
+def test_bad_settings_fail_at_start(minilm_bundle: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model-id", str(minilm_bundle),
+                             "--dtype", "float16", "--port", "1", "--max-batch-tokens", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "max_batch_tokens" in result.stderr
+    missing_variant = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model-id", "/nonexistent"],
+                                     capture_output=True, text=True, timeout=60)
+    assert missing_variant.returncode == 1 and "embedrank export" in missing_variant.stderr

@@ -141,7 +141,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     def start_batchers(models: ModelRegistry) -> None:
         for model in models.models:
             if model.batcher is None:
-                model.start(settings.max_batch_tokens, settings.max_batch_requests, batch_observer(metrics, model.name))
+                model.start(settings.max_batch_tokens, settings.max_batch_requests, batch_observer(metrics, model.name),
+                            workers=settings.engine_workers or min(2, default_intra_op_threads()))
 
     if registry is not None:
         start_batchers(registry)

@@ -25,6 +25,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--default-prompt", "default_prompt", str, "literal prompt prepended to every input"),
     ("--tokenization-workers", "tokenization_workers", int, "threads tokenizing large requests"),
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per forward pass"),
+    ("--engine-workers", "engine_workers", int, "forward passes run at once per model (default 2)"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
 ]
 _BOOL_FLAGS = [

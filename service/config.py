@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         "tokenized inline, which is faster than a thread hand-off.")
     intra_op_threads: int | None = Field(
         None, ge=1, description="ONNX Runtime threads per forward pass (default: available cores).")
+    engine_workers: int | None = Field(
+        None, ge=1, description="Forward passes run at once per model (default: 2 on machines with 2 or more "
+        "cores). Two overlapping batches keep a small CPU busy while the event loop works; 1 gives the lowest "
+        "latency for a lone request on an idle server.")
     json_output: bool = Field(False, description="Log JSON lines instead of text.")
     log_level: str = Field("info", description="Logging level: debug, info, warning, error.")
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready.")

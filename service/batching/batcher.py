@@ -1,10 +1,17 @@
-"""DynamicBatcher: asyncio admission on the event loop, one worker thread running the engine.
+"""DynamicBatcher: asyncio admission on the event loop, worker threads running the engine.
 
-Requests are split into items; items wait in one queue per model. The worker takes the next batch
-as soon as the engine is free (no fixed wait: a lone request runs at once, and under load batches
-fill up by themselves while the previous one runs). Each request learns its result through one
-asyncio future, resolved from the worker with `call_soon_threadsafe` once its last item is done.
+Requests are split into items; items wait in one queue per model. A worker takes the next batch
+as soon as it is free. There is no fixed wait: a lone request runs at once. The only wait is for
+requests already admitted and being tokenized (announced), bounded by `max_wait_seconds`, so that a
+burst of requests forms one full batch, not several small ones. Each request learns its result
+through one asyncio future, resolved from the worker with `call_soon_threadsafe` once its last
+item is done.
 A failed forward pass fails the requests in that batch only; the worker keeps serving.
+
+With `workers > 1`, that many batches run at once on the same ONNX Runtime session. On a small CPU
+this beats one batch at a time with all cores: the event loop's work preempts one of the engine's
+threads now and then, and a single parallel forward pass stalls at every barrier when that happens,
+while two independent passes keep going.
 """
 
 from __future__ import annotations
@@ -85,7 +92,8 @@ class DynamicBatcher:
     """One per model. `submit` is called on the event loop; `run_batch` runs on the worker thread."""
 
     def __init__(self, name: str, run_batch: BatchRunner, max_batch_tokens: int, max_batch_requests: int | None,
-                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+                 on_batch: Callable[[BatchStats], None] | None = None, max_wait_seconds: float = 0.01,
+                 workers: int = 1) -> None:
         self.name = name
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
@@ -94,9 +102,13 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()
         self._condition = threading.Condition()
         self._stopping = False
-        self._busy = False
-        self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._busy = 0
+        self._announced = 0
+        self.max_wait_seconds = max_wait_seconds
+        self._threads = [threading.Thread(target=self._work, name=f"batcher-{name}-{index}", daemon=True)
+                         for index in range(max(1, workers))]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queue_depth(self) -> int:
@@ -104,9 +116,20 @@ class DynamicBatcher:
 
     @property
     def busy(self) -> bool:
-        return self._busy or bool(self._queue)
+        return self._busy > 0 or bool(self._queue)
 
-    def submit(self, items: Sequence[TokenizedItem], tag: str = "") -> PendingRequest:
+    def announce(self) -> None:
+        """A request was admitted and will submit soon (it is being parsed or tokenized)."""
+        with self._condition:
+            self._announced += 1
+
+    def withdraw(self) -> None:
+        """An announced request ended before submitting (e.g. it failed validation)."""
+        with self._condition:
+            self._announced -= 1
+            self._condition.notify()
+
+    def submit(self, items: Sequence[TokenizedItem], tag: str = "", announced: bool = False) -> PendingRequest:
         """Queue a request's items; await `request.future` for the results in input order.
 
         `tag` travels with every item to the batch runner (e.g. pooled vectors vs token embeddings).
@@ -118,6 +141,8 @@ class DynamicBatcher:
             request.future.set_result([])
             return request
         with self._condition:
+            if announced:
+                self._announced -= 1
             if self._stopping:
                 raise ApiError(ErrorKind.UNHEALTHY, "the server is shutting down")
             self._queue.extend(_Item(request, index, tokens) for index, tokens in enumerate(items))
@@ -129,7 +154,9 @@ class DynamicBatcher:
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _next_batch(self) -> list[_Item] | None:
         with self._condition:
@@ -141,11 +168,12 @@ class DynamicBatcher:
                 if self._stopping:
                     return None
                 self._condition.wait()
+            self._wait_for_announced()
             lookahead = max(512, 4 * (self.max_batch_requests or 0))
             window = [self._queue[i] for i in range(min(len(self._queue), lookahead))]
             live = [item for item in window if not (item.request.cancelled or item.request.failed)]
             chosen_positions = select_batch([len(item.tokens) for item in live], self.max_batch_tokens,
-                                            self.max_batch_requests, lookahead)
+                                            self._share(len(live)), lookahead)
             chosen = [live[position] for position in chosen_positions]
             chosen_ids = {id(item) for item in chosen}
             # Cancelled and failed items are dropped here; only live, unchosen items go back.
@@ -153,8 +181,28 @@ class DynamicBatcher:
             for _ in range(len(window)):
                 self._queue.popleft()
             self._queue.extendleft(reversed(remaining))
-            self._busy = True
+            self._busy += 1
             return chosen
+
+    def _share(self, queued: int) -> int | None:
+        """With several workers, one batch takes at most its share of the queue, so the other workers
+        get work too instead of idling beside one giant batch."""
+        if len(self._threads) == 1:
+            return self.max_batch_requests
+        share = max(8, -(-queued // len(self._threads)))
+        return min(share, self.max_batch_requests) if self.max_batch_requests else share
+
+    def _wait_for_announced(self) -> None:
+        """Requests already admitted but still being tokenized will join the queue in a moment: wait
+        for them (bounded), instead of running a small batch now and leaving them for the next one.
+        With nothing announced, nothing waits: a lone request runs at once."""
+        deadline = time.perf_counter() + self.max_wait_seconds
+        limit = self.max_batch_requests or 1 << 30
+        while self._announced > 0 and len(self._queue) < limit and not self._stopping:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._condition.wait(remaining)
 
     def _work(self) -> None:
         while True:
@@ -164,7 +212,8 @@ class DynamicBatcher:
             try:
                 self._run(batch)
             finally:
-                self._busy = False
+                with self._condition:
+                    self._busy -= 1
 
     def _run(self, batch: list[_Item]) -> None:
         started = time.perf_counter()

@@ -155,7 +155,7 @@ async def tokenize(model: ServedModel, items: Sequence[TextOrPair | list[int]], 
 
 
 @contextlib.contextmanager
-def admitted(model: ServedModel, limits: Limits) -> Iterator[None]:
+def admitted(model: ServedModel, limits: Limits) -> Iterator[_Ticket]:
     """Hold one of the model's request slots from arrival to answer; refuse at once when none is free.
 
     The slot is taken before tokenization, so a flood of large requests cannot slip past the limit
@@ -164,16 +164,30 @@ def admitted(model: ServedModel, limits: Limits) -> Iterator[None]:
     if model.in_flight >= limits.max_concurrent_requests:
         raise ApiError(ErrorKind.OVERLOADED, "Model is overloaded", retry_after=1)
     model.in_flight += 1
+    assert model.batcher is not None
+    model.batcher.announce()
+    ticket = _Ticket(model)
     try:
-        yield
+        yield ticket
     finally:
         model.in_flight -= 1
+        if not ticket.submitted:
+            model.batcher.withdraw()
 
 
-async def run(model: ServedModel, items: list[TokenizedItem], tag: str, timings: Timings,
+class _Ticket:
+    """Whether an admitted request has handed its items to the batcher yet."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+        self.submitted = False
+
+
+async def run(ticket: _Ticket, items: list[TokenizedItem], tag: str, timings: Timings,
               wait: WaitHook | None) -> list[Any]:
-    assert model.batcher is not None
-    pending = model.batcher.submit(items, tag)
+    assert ticket.model.batcher is not None
+    ticket.submitted = True
+    pending = ticket.model.batcher.submit(items, tag, announced=True)
     try:
         results = await (wait(pending) if wait is not None else pending.future)
     finally:
@@ -204,11 +218,11 @@ async def embed(model: ServedModel, inputs: Sequence[Input], *, limits: Limits, 
                            f"{model.manifest.dimensions}", param="dimensions")
     timings = Timings()
     prompt = resolve_prompt(model, limits, prompt_name)
-    with admitted(model, limits):
+    with admitted(model, limits) as ticket:
         items, usage = await tokenize(model, _with_prompt(inputs, prompt),
                                       limits.auto_truncate if truncate is None else truncate, direction, executor,
                                       timings)
-        rows = await run(model, items, TAG_POOLED, timings, wait)
+        rows = await run(ticket, items, TAG_POOLED, timings, wait)
     vectors = np.stack(rows).astype(np.float32, copy=False)
     if dimensions is not None and dimensions < vectors.shape[1]:
         vectors = np.ascontiguousarray(vectors[:, :dimensions])
@@ -227,11 +241,11 @@ async def embed_tokens(model: ServedModel, inputs: Sequence[Input], *, limits: L
     check_count(len(inputs), limits)
     timings = Timings()
     prompt = resolve_prompt(model, limits, prompt_name)
-    with admitted(model, limits):
+    with admitted(model, limits) as ticket:
         items, usage = await tokenize(model, _with_prompt(inputs, prompt),
                                       limits.auto_truncate if truncate is None else truncate, direction, executor,
                                       timings)
-        rows = await run(model, items, TAG_TOKENS, timings, wait)
+        rows = await run(ticket, items, TAG_TOKENS, timings, wait)
     return TokenEmbeddingsResult(rows, usage, timings)
 
 

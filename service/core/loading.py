@@ -92,6 +92,8 @@ def warm_up(model: ServedModel, max_batch_tokens: int, max_batch_requests: int |
     shapes.append((rows, max_length))
     token_id = model.bundle.tokenizer.pad_id + 1 if model.bundle.tokenizer.pad_id == 0 else 5
     tags = "logits" if model.task != "embed" else "pooled"
+    for direction in ("right", "left"):  # builds the truncating tokenizers, so no request pays for it
+        model.bundle.tokenizer.encode(["warm up"], truncate=True, direction=direction)
     for count, length in shapes:
         items = [TokenizedItem(ids=[token_id] * length, type_ids=[0] * length, truncated=False)] * count
         model.run_batch(items, [tags] * count)

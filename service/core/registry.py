@@ -66,9 +66,10 @@ class ServedModel:
                 results.append(pooled[row])
         return results
 
-    def start(self, max_batch_tokens: int, max_batch_requests: int | None,
-              on_batch: Any = None) -> None:
-        self.batcher = DynamicBatcher(self.name, self.run_batch, max_batch_tokens, max_batch_requests, on_batch)
+    def start(self, max_batch_tokens: int, max_batch_requests: int | None, on_batch: Any = None,
+              workers: int = 1) -> None:
+        self.batcher = DynamicBatcher(self.name, self.run_batch, max_batch_tokens, max_batch_requests, on_batch,
+                                      workers=workers)
 
     def stop(self) -> None:
         if self.batcher is not None:

@@ -36,11 +36,14 @@ class SessionConfig:
     `memory_pattern` pre-plans buffers per input shape: with ever-changing sequence lengths it only
     adds plans, so it is off by default. The CPU arena keeps freed blocks for reuse; with
     `arena_extend_strategy=kSameAsRequested` it grows only by what is asked for, which keeps RSS close
-    to the largest batch seen instead of doubling.
+    to the largest batch seen instead of doubling. ONNX Runtime's worker threads spin between
+    operators by default; in a server that burns the CPU the event loop needs to feed the next batch,
+    so spinning is off unless asked for.
     """
 
     intra_op_threads: int = 0
     inter_op_threads: int = 1
+    allow_spinning: bool = False
     memory_pattern: bool = False
     cpu_arena: bool = True
     cuda_device_id: int = 0
@@ -94,6 +97,7 @@ class OrtEngine:
         options.enable_mem_pattern = config.memory_pattern
         options.enable_cpu_mem_arena = config.cpu_arena
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
         providers: list[Any]
         if device == "cuda":
             if "CUDAExecutionProvider" not in available_providers():

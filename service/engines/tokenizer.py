@@ -7,6 +7,7 @@ truncation mode instead of toggling a shared one (the instances are used from se
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -93,16 +94,21 @@ class TextTokenizer:
 
     def encode(
         self,
-        items: list[TextOrPair],
+        items: Sequence[TextOrPair],
         truncate: bool = True,
         direction: TruncationDirection = "right",
         add_special_tokens: bool = True,
     ) -> list[TokenizedItem]:
         """Tokenize texts or (query, document) pairs; `truncated` tells whether tokens were dropped."""
         prepared = [self._prepare(item) for item in items]
-        encodings: list[Encoding] = self._tokenizer(truncate, direction).encode_batch(
-            prepared, add_special_tokens=add_special_tokens
-        )
+        tokenizer = self._tokenizer(truncate, direction)
+        encodings: list[Encoding]
+        if len(prepared) == 1:  # encode_batch hands even one input to a thread pool
+            single = prepared[0]
+            encodings = [tokenizer.encode(*single, add_special_tokens=add_special_tokens) if isinstance(single, tuple)
+                         else tokenizer.encode(single, add_special_tokens=add_special_tokens)]
+        else:
+            encodings = tokenizer.encode_batch(prepared, add_special_tokens=add_special_tokens)
         return [
             TokenizedItem(
                 ids=encoding.ids,

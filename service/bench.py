@@ -1,0 +1,91 @@
+"""`embedrank bench BUNDLE`: the in-process ceiling every HTTP figure is compared with.
+
+ONNX Runtime is called directly (through the same BundleModel the server uses) at batch 1, 8 and 32
+on short and long inputs, for every variant of the bundle. Inputs are tokenized once beforehand, so
+the figures are the model's own speed on this machine: what a perfect server could reach.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from service.core.manifest import load_manifest
+from service.engines.bundle import BundleModel
+from service.engines.ort_engine import SessionConfig
+from service.engines.tokenizer import TextOrPair
+
+SHORT_TEXTS = [
+    "The weather is lovely today.", "How do I reset my password?", "Paris is the capital of France.",
+    "A quick brown fox jumps over the lazy dog.", "Interest rates rose again this quarter.",
+    "She plays violin in an orchestra.", "What is the best way to learn Python?", "Solar panels convert light.",
+]
+
+
+def long_text(words: int = 240, seed: int = 0) -> str:
+    vocabulary = ("model server request batch token latency memory cache queue worker thread network river "
+                  "mountain city history music science garden market energy language").split(" ")
+    return " ".join(vocabulary[(seed * 7 + index * 3) % len(vocabulary)] for index in range(words))
+
+
+@dataclass
+class Measurement:
+    variant: str
+    inputs: str
+    batch_size: int
+    ms_per_batch: float
+    items_per_second: float
+    tokens_per_item: float
+
+
+def measure(model: BundleModel, texts: Sequence[TextOrPair], batch_size: int, seconds: float) -> tuple[float, float]:
+    chosen = [texts[index % len(texts)] for index in range(batch_size)]
+    items = model.tokenizer.encode(chosen)
+    batch = model.tokenizer.pad(items)
+    forward = model.forward_pooled if model.task == "embed" else model.forward_logits
+    forward(batch)
+    samples: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < 3:
+        start = time.perf_counter()
+        forward(batch)
+        samples.append(time.perf_counter() - start)
+    median = statistics.median(samples)
+    return median * 1000, batch_size / median
+
+
+def run_bench(bundle_dir: Path, variants: list[str] | None = None, batch_sizes: tuple[int, ...] = (1, 8, 32),
+              seconds: float = 2.0, intra_op_threads: int = 0) -> list[Measurement]:
+    manifest = load_manifest(bundle_dir)
+    results = []
+    inputs: dict[str, list[TextOrPair]] = {"short": list(SHORT_TEXTS),
+                                           "long": [long_text(seed=index) for index in range(8)]}
+    if manifest.task == "rerank":
+        inputs = {"pairs": [(query, long_text(100, seed)) for seed, query in enumerate(SHORT_TEXTS)]}
+    for variant in variants or list(manifest.variants):
+        if variant == "float16":
+            continue  # fp16 is for the CUDA provider; on a CPU it is emulated and says nothing
+        config = SessionConfig(intra_op_threads=intra_op_threads)
+        model = BundleModel(bundle_dir, variant=variant, session_config=config)
+        for kind, texts in inputs.items():
+            for size in batch_sizes:
+                ms, rate = measure(model, texts, size, seconds)
+                lengths = [len(item) for item in model.tokenizer.encode(texts)]
+                results.append(Measurement(variant, kind, size, round(ms, 3), round(rate, 1),
+                                           round(statistics.mean(lengths), 1)))
+    return results
+
+
+def main(bundle: str, output: str | None, seconds: float) -> int:
+    results = run_bench(Path(bundle), seconds=seconds)
+    print(f"{'variant':<8} {'inputs':<6} {'batch':>5} {'ms/batch':>9} {'items/s':>9} {'tokens/item':>11}")
+    for row in results:
+        print(f"{row.variant:<8} {row.inputs:<6} {row.batch_size:>5} {row.ms_per_batch:>9.2f} "
+              f"{row.items_per_second:>9.1f} {row.tokens_per_item:>11.1f}")
+    if output:
+        Path(output).write_text(json.dumps([asdict(row) for row in results], indent=2))
+    return 0

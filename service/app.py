@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -57,6 +58,28 @@ class PayloadLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class BearerAuth:
+    """With an API key set, every route but the public ones needs `Authorization: Bearer KEY`."""
+
+    PUBLIC = ("/health", "/metrics", "/docs", "/openapi.json")
+
+    def __init__(self, app: ASGIApp, keys: list[bytes]) -> None:
+        self.app = app
+        self.expected = [b"Bearer " + key for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.PUBLIC:
+            await self.app(scope, receive, send)
+            return
+        given = next((value for name, value in scope.get("headers", []) if name == b"authorization"), b"")
+        # compare_digest against every key, so the time taken does not tell which one nearly matched
+        if not any([hmac.compare_digest(given, expected) for expected in self.expected]):
+            error = ApiError(ErrorKind.UNAUTHORIZED, "missing or invalid API key")
+            await render_for_path(scope["path"], error)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class RequestMetrics:
@@ -169,5 +192,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.include_router(tei_routes.router)
     app.include_router(openai_routes.router)
     app.add_middleware(PayloadLimit, limit=settings.payload_limit)  # type: ignore[arg-type]
+    if settings.api_key is not None:
+        keys = [key.strip().encode() for key in settings.api_key.get_secret_value().split(",") if key.strip()]
+        app.add_middleware(BearerAuth, keys=keys)  # type: ignore[arg-type]
     app.add_middleware(RequestMetrics, metrics=metrics)  # type: ignore[arg-type]
     return app

@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(export)
     serve_parser = commands.add_parser("serve", help="serve bundles over HTTP (TEI flag names accepted)")
     _add_serve_arguments(serve_parser)
+    bench = commands.add_parser("bench", help="measure the in-process ceiling of a bundle (ONNX Runtime directly)")
+    bench.add_argument("bundle", help="bundle directory (models/NAME)")
+    bench.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    bench.add_argument("--json", dest="json_path", default=None, help="also write the results to this file")
     inspect = commands.add_parser("inspect", help="print a bundle's manifest summary")
     inspect.add_argument("bundle", help="bundle directory (models/NAME)")
     args = parser.parse_args(argv)
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         return _inspect(args.bundle)
     if args.command == "serve":
         return serve(args)
+    if args.command == "bench":
+        from service.bench import main as bench_main
+
+        return bench_main(args.bundle, args.json_path, args.seconds)
     from exporters.cli import run
 
     return run(args)

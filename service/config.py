@@ -48,7 +48,9 @@ class Settings(BaseSettings):
         True, description="Truncate inputs longer than the model's max length when the request does not say; "
         "false answers such inputs with 422 like TEI did before 1.9.")
     payload_limit: int = Field(2_000_000, ge=1024, description="Largest request body in bytes (413 beyond).")
-    api_key: SecretStr | None = Field(None, description="If set, requests must send `Authorization: Bearer KEY`.")
+    api_key: SecretStr | None = Field(
+        None, description="If set, requests must send `Authorization: Bearer KEY` (several keys: comma-separated). "
+        "/health and /metrics stay public.")
     default_prompt_name: str | None = Field(
         None, description="Prompt (from the bundle's prompts) prepended to every input unless a request names "
         "another.")

@@ -179,3 +179,16 @@ def test_openapi_document_lists_routes_and_error_statuses(client: TestClient) ->
                  "/v1/embeddings", "/v1/models"):
         assert path in document["paths"]
     assert {"400", "422", "424", "429"} <= set(document["paths"]["/embed"]["post"]["responses"])
+
+
+def test_api_key(embed_model: ServedModel) -> None:
+    with client_for([embed_model], api_key="s3cret,other") as client:
+        refused = client.post("/embed", json={"inputs": "a"})
+        assert refused.status_code == 401 and refused.json()["error_type"] == "Unauthorized"
+        wrong = client.post("/v1/embeddings", json={"input": "a"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        for key in ("s3cret", "other"):
+            ok = client.post("/embed", json={"inputs": "a"}, headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200
+        assert client.get("/health").status_code == 200
+        assert client.get("/metrics").status_code == 200

@@ -116,6 +116,53 @@ def xlmr_embedder(directory: Path, seed: int = 0) -> Path:
     return directory / "st"
 
 
+def other_encoder(directory: Path, model_type: str, seed: int = 0) -> Path:
+    """A tiny RoBERTa, MPNet or DistilBERT encoder with mean pooling, saved by sentence-transformers."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
+    from transformers import (
+        DistilBertConfig,
+        DistilBertModel,
+        DistilBertTokenizerFast,
+        MPNetConfig,
+        MPNetModel,
+        MPNetTokenizerFast,
+        RobertaConfig,
+        RobertaModel,
+    )
+
+    torch.manual_seed(seed)
+    hf = directory / "hf"
+    hf.mkdir(parents=True, exist_ok=True)
+    if model_type == "roberta":
+        tokenizer_source = xlmr_embedder(directory / "tokenizer-source", seed=seed) / ".." / "hf"
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source.resolve()))
+        config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=130, pad_token_id=1)
+        model = RobertaModel(config)
+    elif model_type == "mpnet":
+        tokenizer = MPNetTokenizerFast(vocab_file=str(write_bert_vocab(hf)), model_max_length=128)
+        config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=130)
+        model = MPNetModel(config)
+    elif model_type == "distilbert":
+        tokenizer = DistilBertTokenizerFast(vocab_file=str(write_bert_vocab(hf)), model_max_length=128)
+        config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                  max_position_embeddings=128)
+        model = DistilBertModel(config)
+    else:
+        raise ValueError(model_type)
+    model.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    st = SentenceTransformer(modules=[models.Transformer(str(hf), max_seq_length=64), models.Pooling(32, "mean")],
+                             device="cpu")
+    st.save(str(directory / "st"))
+    return directory / "st"
+
+
 def unsupported_model(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))

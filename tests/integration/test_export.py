@@ -94,6 +94,17 @@ def test_xlm_roberta_encoder(work_dir: Path) -> None:
     assert _cosines(ours, _st_encode(source, NEW_TEXTS)).min() >= 0.99999
 
 
+@pytest.mark.parametrize("model_type", ["roberta", "mpnet", "distilbert"])
+def test_other_supported_architectures(work_dir: Path, model_type: str) -> None:
+    source = tiny_models.other_encoder(work_dir / f"src-{model_type}", model_type)
+    bundle = export_quietly(source, f"tiny-{model_type}", work_dir / "models").bundle_dir
+    manifest = load_manifest(bundle)
+    assert manifest.model_type == model_type and manifest.pooling == "mean"
+    assert manifest.variants["float32"].parity["min_cosine"] >= 0.99999
+    ours = BundleModel(bundle).embed(NEW_TEXTS)
+    assert _cosines(ours, _st_encode(source, NEW_TEXTS)).min() >= 0.99999
+
+
 def test_chinese_vocabulary_is_tokenized(bge_style_bundle: Path) -> None:
     model = BundleModel(bge_style_bundle)
     ids = model.tokenizer.encode(["北京是中华人民共和国的首都。"])[0].ids

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from service.batching.batcher import DynamicBatcher
+from service.batching.policy import select_batch
+from service.engines.tokenizer import TokenizedItem
+from service.errors import ApiError
+
+
+def item(length: int, marker: int = 1) -> TokenizedItem:
+    return TokenizedItem(ids=[marker] * length, type_ids=[0] * length, truncated=False)
+
+
+def test_policy_always_takes_the_oldest_and_respects_the_budget() -> None:
+    lengths = [10, 200, 11, 12, 300, 9]
+    chosen = select_batch(lengths, max_batch_tokens=48, max_batch_requests=None)
+    assert 0 in chosen
+    assert max(lengths[i] for i in chosen) * len(chosen) <= 48
+    assert set(chosen) <= {0, 2, 3, 5}
+    assert select_batch([500], max_batch_tokens=48, max_batch_requests=None) == [0]
+    assert len(select_batch([5] * 100, max_batch_tokens=10_000, max_batch_requests=8)) == 8
+    assert select_batch([], 100, None) == []
+
+
+def test_policy_groups_similar_lengths() -> None:
+    lengths = [50, 5, 48, 6, 49, 7]
+    chosen = select_batch(lengths, max_batch_tokens=3 * 50, max_batch_requests=None)
+    assert sorted(lengths[i] for i in chosen) == [48, 49, 50]
+    short_first = select_batch([5, 50, 6, 48, 7], max_batch_tokens=3 * 50, max_batch_requests=None)
+    assert sorted(short_first) == [0, 2, 4]
+
+
+class Recorder:
+    def __init__(self, fail_marker: int | None = None, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_marker = fail_marker
+        self.gate = gate
+
+    def __call__(self, items: list[TokenizedItem], tags: list[str]) -> list[Any]:
+        if self.gate is not None:
+            self.gate.wait(5)
+        markers = [entry.ids[0] for entry in items]
+        self.batches.append(markers)
+        if self.fail_marker in markers:
+            raise RuntimeError("boom")
+        return [marker * 10 + len(entry) for marker, entry in zip(markers, items, strict=True)]
+
+
+def test_large_request_is_split_and_reassembled_in_order() -> None:
+    recorder = Recorder()
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=40, max_batch_requests=None)
+
+    async def scenario() -> list[Any]:
+        pending = batcher.submit([item(length, marker=index) for index, length in
+                                  enumerate([10, 3, 10, 7, 10, 2, 10, 9])])
+        return await pending.future
+
+    results = asyncio.run(scenario())
+    batcher.stop()
+    assert results == [index * 10 + length for index, length in enumerate([10, 3, 10, 7, 10, 2, 10, 9])]
+    assert len(recorder.batches) > 1
+
+
+def test_failed_batch_fails_its_requests_only_and_the_worker_goes_on() -> None:
+    gate = threading.Event()
+    recorder = Recorder(fail_marker=9, gate=gate)
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=10, max_batch_requests=1)
+
+    async def scenario() -> tuple[BaseException | None, list[Any]]:
+        bad = batcher.submit([item(5, marker=9)])
+        good = batcher.submit([item(5, marker=2)])
+        gate.set()
+        error = None
+        try:
+            await bad.future
+        except ApiError as caught:
+            error = caught
+        return error, await good.future
+
+    error, good = asyncio.run(scenario())
+    batcher.stop()
+    assert isinstance(error, ApiError) and error.status == 424 and "boom" in error.message
+    assert good == [25]
+
+
+def test_cancelled_requests_are_dropped_from_the_queue() -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=10, max_batch_requests=1)
+
+    async def scenario() -> list[Any]:
+        first = batcher.submit([item(5, marker=1)])  # occupies the worker until the gate opens
+        await asyncio.sleep(0.05)
+        gone = batcher.submit([item(5, marker=7), item(5, marker=7)])
+        gone.cancel()
+        kept = batcher.submit([item(5, marker=3)])
+        gate.set()
+        await first.future
+        return await kept.future
+
+    assert asyncio.run(scenario()) == [35]
+    batcher.stop()
+    assert [7] not in recorder.batches
+
+
+def test_stopped_batcher_refuses_new_work() -> None:
+    batcher = DynamicBatcher("t", Recorder(), max_batch_tokens=10, max_batch_requests=None)
+    batcher.stop()
+
+    async def scenario() -> None:
+        batcher.submit([item(3)])
+
+    with pytest.raises(ApiError):
+        asyncio.run(scenario())

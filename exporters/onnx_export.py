@@ -58,6 +58,12 @@ def export_onnx(source: SourceModel, work_dir: Path) -> Path:
     model = target / "model.onnx"
     if not model.is_file():
         raise ExportFailure(f"ONNX export produced no model.onnx in {target}")
+    external = [path.name for path in target.iterdir() if path.name.startswith("model.onnx") and path != model]
+    if external:
+        # Models over the 2 GB protobuf limit (e.g. BAAI/bge-m3 in fp32) keep weights in side files;
+        # bundles do not carry those yet, so refuse rather than write a bundle that cannot load.
+        raise ExportFailure(f"the fp32 model exceeds 2 GB and was exported with external weights ({external[0]}); "
+                            "bundles with external weight files are not supported yet")
     return model
 
 

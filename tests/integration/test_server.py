@@ -131,3 +131,18 @@ def test_bad_settings_fail_at_start(minilm_bundle: Path) -> None:
     missing_variant = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model-id", "/nonexistent"],
                                      capture_output=True, text=True, timeout=60)
     assert missing_variant.returncode == 1 and "embedrank export" in missing_variant.stderr
+
+
+def test_hugging_face_directory_is_exported_once_then_served(bge_style_source: Path, tmp_path: Path) -> None:
+    models_dir = tmp_path / "cache"
+    args = ["--model-id", str(bge_style_source), "--models-dir", str(models_dir)]
+    with running_server(args, tmp_path / "logs", ready_timeout=300) as first:
+        vectors = httpx.post(first.url + "/embed", json={"inputs": ["hello there"]}).json()
+        assert len(vectors[0]) == 32
+    manifest = models_dir / bge_style_source.resolve().name / "manifest.json"
+    assert manifest.is_file()
+    exported_at = manifest.stat().st_mtime
+    with running_server(args, tmp_path / "logs") as second:
+        assert httpx.post(second.url + "/embed", json={"inputs": ["hello there"]}).json() == vectors
+        assert "exported earlier" in second.output()
+    assert manifest.stat().st_mtime == exported_at

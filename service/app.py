@@ -25,6 +25,7 @@ from service.engines.ort_engine import SessionConfig, default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
 from service.observability import Metrics
 from service.routes import openai as openai_routes
+from service.routes import rerank as rerank_routes
 from service.routes import tei as tei_routes
 
 logger = logging.getLogger("embedrank.app")
@@ -169,16 +170,21 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
 
     if registry is not None:
         start_batchers(registry)
+        app.state.registry = registry
+
+    def surface(request: Request) -> str | None:
+        return getattr(request.state, "surface", None)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> Response:
         metrics.errors.labels(error.kind.value).inc()
-        return render_for_path(request.url.path, error)
+        return render_for_path(request.url.path, error, surface(request))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> Response:
         metrics.errors.labels(ErrorKind.VALIDATION.value).inc()
-        return render_for_path(request.url.path, ApiError(ErrorKind.VALIDATION, _validation_message(error)))
+        return render_for_path(request.url.path, ApiError(ErrorKind.VALIDATION, _validation_message(error)),
+                               surface(request))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> Response:
@@ -191,6 +197,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
 
     app.include_router(tei_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(rerank_routes.router)
     app.add_middleware(PayloadLimit, limit=settings.payload_limit)  # type: ignore[arg-type]
     if settings.api_key is not None:
         keys = [key.strip().encode() for key in settings.api_key.get_secret_value().split(",") if key.strip()]

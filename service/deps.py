@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from service.batching.batcher import PendingRequest
@@ -15,6 +16,7 @@ from service.core.registry import ModelRegistry, ServedModel
 from service.errors import ApiError, ErrorKind
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+T = TypeVar("T", bound=BaseModel)
 
 
 def registry(request: Request) -> ModelRegistry:
@@ -55,9 +57,21 @@ def until_disconnect(request: Request) -> WaitHook:
     return wait
 
 
+def parse_body(request: Request, data: Any, schema: type[T], surface: str | None = None) -> T:
+    """Validate decoded JSON against `schema` by hand (for routes whose schema depends on the body);
+    errors from here on are rendered in `surface`'s format."""
+    if surface is not None:
+        request.state.surface = surface
+    try:
+        return schema.model_validate(data)
+    except ValidationError as error:
+        details = "; ".join(f"{'.'.join(str(p) for p in d['loc']) or 'body'}: {d['msg']}" for d in error.errors()[:5])
+        raise ApiError(ErrorKind.VALIDATION, details or "invalid request") from None
+
+
 def json_response(body: Any, timings: Timings | None = None, usage: Usage | None = None,
                   compute_type: str = "cpu", status_code: int = 200) -> Response:
-    headers = {}
+    headers: dict[str, str] = {}
     if timings is not None:
         total = timings.total
         headers = {
@@ -71,6 +85,8 @@ def json_response(body: Any, timings: Timings | None = None, usage: Usage | None
     if usage is not None:
         headers["x-compute-characters"] = str(usage.characters)
         headers["x-compute-tokens"] = str(usage.tokens)
+        if usage.truncated:
+            headers["x-truncated-inputs"] = str(usage.truncated)
     return Response(orjson.dumps(body, option=_JSON_OPTIONS), status_code=status_code,
                     media_type="application/json", headers=headers)
 

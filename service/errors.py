@@ -78,8 +78,12 @@ def _headers(error: ApiError) -> dict[str, str]:
     return {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
 
 
+# TEI's error_type names where ours differ: TEI answers a route the model cannot serve as Backend.
+TEI_TYPE: dict[ErrorKind, str] = {ErrorKind.WRONG_TASK: "Backend"}
+
+
 def render_tei(error: ApiError) -> Response:
-    body = {"error": error.message, "error_type": error.kind.value}
+    body = {"error": error.message, "error_type": TEI_TYPE.get(error.kind, error.kind.value)}
     return Response(orjson.dumps(body), status_code=error.status, media_type="application/json",
                     headers=_headers(error))
 
@@ -91,11 +95,24 @@ def render_openai(error: ApiError) -> Response:
                     headers=_headers(error))
 
 
-OPENAI_PATHS = ("/v1/", "/embeddings")
+def render_cohere(error: ApiError) -> Response:
+    """Cohere's error body (`{"message": ...}`), used on /v1/rerank and /v2/rerank."""
+    return Response(orjson.dumps({"message": error.message}), status_code=error.status,
+                    media_type="application/json", headers=_headers(error))
 
 
-def render_for_path(path: str, error: ApiError) -> Response:
-    """Choose the surface's envelope by route: OpenAI-style paths get OpenAI's, the rest TEI's."""
+COHERE_PATHS = ("/v1/rerank", "/v2/rerank")
+OPENAI_PATHS = ("/v1/", "/embeddings", "/classify", "/models")
+RENDERERS = {"tei": render_tei, "openai": render_openai, "cohere": render_cohere}
+
+
+def render_for_path(path: str, error: ApiError, surface: str | None = None) -> Response:
+    """Choose the surface's envelope: by the route's declared surface when it set one (TEI and
+    Infinity share /rerank), else by path: Cohere's rerank paths, OpenAI-style paths, then TEI."""
+    if surface is not None:
+        return RENDERERS[surface](error)
+    if path.startswith(COHERE_PATHS):
+        return render_cohere(error)
     if path.startswith(OPENAI_PATHS):
         return render_openai(error)
     return render_tei(error)

@@ -19,7 +19,8 @@ TAG_POOLED = "pooled"
 TAG_TOKENS = "tokens"
 TAG_LOGITS = "logits"
 
-CAPABILITIES = {"embed": ["embed"], "rerank": ["rerank"], "classify": ["classify"]}
+# An embedding model can also rerank (cosine to the query); a reranker is a one-label classifier.
+CAPABILITIES = {"embed": ["embed", "rerank"], "rerank": ["rerank", "classify"], "classify": ["classify"]}
 
 
 @dataclass(eq=False)
@@ -92,7 +93,9 @@ class ModelRegistry:
         does not know while exactly one model can do the task (as TEI and Infinity do with one
         model): the first model that can do the task.
         """
-        capable = [model for model in self.models if task in model.capabilities]
+        # Models made for the task come first: a cross-encoder reranks before an embedder does.
+        capable = sorted((model for model in self.models if task in model.capabilities),
+                         key=lambda model: model.task != task)
         if name:
             for model in self.models:
                 if name == model.name or name in model.aliases:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import time
+import uuid
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -46,6 +48,9 @@ def embeddings_response(vectors: NDArray[np.float32], model: str, tokens: int,
                  for index, embedding in enumerate(embeddings)],
         "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        # Infinity's clients read these two as well; OpenAI's ignore them.
+        "id": f"embd-{uuid.uuid4().hex}",
+        "created": int(time.time()),
     }
 
 

@@ -109,3 +109,38 @@ class Info(BaseModel):
     version: str
     sha: str | None = None
     docker_label: str | None = None
+
+
+class RerankRequest(_Request):
+    query: str = Field(examples=["What is Deep Learning?"])
+    texts: list[str] = Field(examples=[["Deep Learning is a subfield of machine learning.", "Cheese is tasty."]])
+    truncate: bool | None = None
+    truncation_direction: Direction = "right"
+    raw_scores: bool = Field(False, description="Return logits instead of sigmoid scores.")
+    return_text: bool = False
+
+
+class PredictRequest(_Request):
+    inputs: str | list[str] | list[list[str]] = Field(
+        description="A text, a pair of texts (a 2-element list), or a batch of texts or pairs.",
+        examples=["I like you. I love you"])
+    truncate: bool | None = None
+    truncation_direction: Direction = "right"
+    raw_scores: bool = False
+
+    def shaped(self) -> tuple[list[str | tuple[str, str]], bool]:
+        """(inputs, is_batch). As in TEI a list of two strings is one pair, not a batch of two."""
+        value = self.inputs
+        if isinstance(value, str):
+            return [value], False
+        if value and all(isinstance(item, str) for item in value):
+            texts = [str(item) for item in value]
+            if len(texts) == 2:
+                return [(texts[0], texts[1])], False
+            return list(texts), True
+        batch: list[str | tuple[str, str]] = []
+        for item in value:
+            if isinstance(item, str) or len(item) not in (1, 2):
+                raise ValueError("each batch entry must be [text] or [text, text_pair]")
+            batch.append(item[0] if len(item) == 1 else (item[0], item[1]))
+        return batch, True

@@ -24,8 +24,10 @@ async def embeddings(body: openai.EmbeddingsRequest, request: Request) -> Respon
     -d '{"model": "all-MiniLM-L6-v2", "input": ["hello", "world"]}'`
     """
     model = deps.model_for(request, body.model, "embed", accepts_any=True)
+    # Infinity's clients always send `dimensions`, with 0 meaning all of them.
+    dimensions = body.dimensions or None
     result = await core.embed(model, body.inputs(), limits=deps.limits(request), normalize=True,
-                              dimensions=body.dimensions, executor=request.app.state.executor,
+                              dimensions=dimensions, executor=request.app.state.executor,
                               wait=deps.until_disconnect(request))
     response = openai.embeddings_response(result.vectors, model.name, result.usage.tokens, body.encoding_format)
     return deps.json_response(response, result.timings, result.usage, deps.compute_type(model))

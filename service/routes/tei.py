@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -16,7 +17,7 @@ ERRORS = openapi_responses(ErrorKind.EMPTY, ErrorKind.VALIDATION, ErrorKind.BACK
 MODEL_HEADER = "x-model"
 
 
-def _model_name(request: Request) -> str | None:
+def model_name_of(request: Request) -> str | None:
     """TEI routes have no `model` field: choose with the X-Model header or the ?model= query parameter."""
     return request.headers.get(MODEL_HEADER) or request.query_params.get("model")
 
@@ -27,7 +28,7 @@ async def embed(body: tei.EmbedRequest, request: Request) -> Response:
 
     `curl localhost:8080/embed -H 'Content-Type: application/json' -d '{"inputs": "What is Deep Learning?"}'`
     """
-    model = deps.model_for(request, _model_name(request), "embed")
+    model = deps.model_for(request, model_name_of(request), "embed")
     result = await core.embed(
         model, tei.flatten_inputs(body.inputs), limits=deps.limits(request), normalize=body.normalize,
         truncate=body.truncate, direction=body.truncation_direction, prompt_name=body.prompt_name,
@@ -41,7 +42,7 @@ async def embed_all(body: tei.EmbedAllRequest, request: Request) -> Response:
 
     `curl localhost:8080/embed_all -H 'Content-Type: application/json' -d '{"inputs": "Hello"}'`
     """
-    model = deps.model_for(request, _model_name(request), "embed")
+    model = deps.model_for(request, model_name_of(request), "embed")
     result = await core.embed_tokens(
         model, tei.flatten_inputs(body.inputs), limits=deps.limits(request), truncate=body.truncate,
         direction=body.truncation_direction, prompt_name=body.prompt_name, executor=request.app.state.executor,
@@ -56,7 +57,7 @@ async def similarity(body: tei.SimilarityRequest, request: Request) -> Response:
     `curl localhost:8080/similarity -H 'Content-Type: application/json'
     -d '{"inputs": {"source_sentence": "a cat", "sentences": ["a dog", "a car"]}}'`
     """
-    model = deps.model_for(request, _model_name(request), "embed")
+    model = deps.model_for(request, model_name_of(request), "embed")
     parameters = body.parameters or tei.SimilarityParameters()
     core.check_count(len(body.inputs.sentences), deps.limits(request), "sentences")
     result = await core.embed(
@@ -78,7 +79,7 @@ async def tokenize(body: tei.TokenizeRequest, request: Request) -> Response:
 
     `curl localhost:8080/tokenize -H 'Content-Type: application/json' -d '{"inputs": "test"}'`
     """
-    model = deps.registry(request).get(_model_name(request), "embed") if _has_embedder(request) else \
+    model = deps.registry(request).get(model_name_of(request), "embed") if _has_embedder(request) else \
         deps.registry(request).models[0]
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     core.check_count(len(texts), deps.limits(request))
@@ -123,7 +124,7 @@ async def info(request: Request) -> Response:
 
     `curl localhost:8080/info`
     """
-    model = deps.registry(request).get(_model_name(request), "embed") if _has_embedder(request) else \
+    model = deps.registry(request).get(model_name_of(request), "embed") if _has_embedder(request) else \
         deps.registry(request).models[0]
     settings = request.app.state.settings
     manifest = model.manifest
@@ -143,6 +144,28 @@ async def info(request: Request) -> Response:
         "sha": None, "docker_label": None,
     }
     return deps.json_response(body)
+
+
+@router.post("/", responses=ERRORS, include_in_schema=False)
+async def root(request: Request) -> Response:
+    """TEI's Inference-API route: the first model's task decides (embed, rerank or predict), so clients
+    that post to the base URL, such as huggingface_hub's InferenceClient, work unchanged."""
+    from service.routes import rerank as rerank_routes
+
+    named = model_name_of(request)
+    first = deps.registry(request).get(named, "embed") if named and any(
+        m.task == "embed" and named in (m.name, *m.aliases) for m in deps.registry(request).models) else \
+        next((m for m in deps.registry(request).models if named in (m.name, *m.aliases)),
+             deps.registry(request).models[0])
+    if first.task == "rerank":
+        return await rerank_routes.rerank(request)
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise ApiError(ErrorKind.VALIDATION, "body is not valid JSON") from None
+    if first.task == "classify":
+        return await rerank_routes.predict(deps.parse_body(request, data, tei.PredictRequest, "tei"), request)
+    return await embed(deps.parse_body(request, data, tei.EmbedRequest, "tei"), request)
 
 
 @router.get("/health")

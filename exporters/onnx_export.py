@@ -58,13 +58,21 @@ def export_onnx(source: SourceModel, work_dir: Path) -> Path:
     model = target / "model.onnx"
     if not model.is_file():
         raise ExportFailure(f"ONNX export produced no model.onnx in {target}")
-    external = [path.name for path in target.iterdir() if path.name.startswith("model.onnx") and path != model]
-    if external:
-        # Models over the 2 GB protobuf limit (e.g. BAAI/bge-m3 in fp32) keep weights in side files;
-        # bundles do not carry those yet, so refuse rather than write a bundle that cannot load.
-        raise ExportFailure(f"the fp32 model exceeds 2 GB and was exported with external weights ({external[0]}); "
-                            "bundles with external weight files are not supported yet")
     return model
+
+
+def external_data_files(model_path: Path) -> list[str]:
+    """Side files holding the weights of a model over protobuf's 2 GB limit (e.g. BAAI/bge-m3 in fp32)."""
+    try:
+        import onnx
+    except ImportError:
+        raise MissingExtraError("onnx") from None
+    model = onnx.load(str(model_path), load_external_data=False)
+    files: set[str] = set()
+    for initializer in model.graph.initializer:
+        if initializer.data_location == onnx.TensorProto.EXTERNAL:
+            files.update(entry.value for entry in initializer.external_data if entry.key == "location")
+    return sorted(files)
 
 
 def write_tokenizer(source: SourceModel, bundle_dir: Path) -> Path:
@@ -92,7 +100,10 @@ def optimize_graph(raw_model: Path, level: str, output: Path, num_heads: int, hi
     O2 = O1 plus transformer fusions (attention, layer norm, GELU) from onnxruntime.transformers."""
     import onnxruntime as ort
 
+    external = bool(external_data_files(raw_model))
     if level == "O1":
+        if external:
+            raise ExportFailure("O1 writes one protobuf, which cannot hold a model over 2 GB")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(output)
@@ -106,7 +117,8 @@ def optimize_graph(raw_model: Path, level: str, output: Path, num_heads: int, hi
                 str(raw_model), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
                 opt_level=1, use_gpu=False,
             )
-            optimized.save_model_to_file(str(output))
+            # Over 2 GB the weights go to `<output>.data` beside the model.
+            optimized.save_model_to_file(str(output), use_external_data_format=external)
         return output
     raise ValueError(f"unknown optimization level {level}")
 

@@ -130,11 +130,12 @@ class _Exporter:
 
     def variant_record(self, path: Path, precision: str, optimization: str, metrics: dict[str, float],
                        bars: dict[str, float], passed: bool) -> Variant:
+        external = {name: sha256_file(path.parent / name) for name in onnx_export.external_data_files(path)}
         return Variant(
             file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size, precision=precision,
             opset=_onnx_opset(path), graph_optimization=optimization,
             parity={key: round(value, 7) for key, value in metrics.items()},
-            bars=bars, passed=passed, forced=not passed,
+            bars=bars, passed=passed, forced=not passed, external_data=external,
         )
 
     def load(self, manifest: Manifest, bundle: Path, variant: str, model_file: Path | None = None) -> BundleModel:
@@ -191,6 +192,8 @@ class _Exporter:
         fp32_path, fp32_record = self._optimize(source, raw, raw_record, scratch, check)
         final_fp32 = bundle / "model.onnx"
         shutil.copyfile(fp32_path, final_fp32)
+        for data_file in fp32_record.external_data:  # weight files keep the names the model refers to
+            shutil.copyfile(fp32_path.parent / data_file, bundle / data_file)
         fp32_record.file = final_fp32.name
         variants["float32"] = fp32_record
         fp32_model = self.load(self.manifest_for(source, bundle, dict(variants), tokenizer_file, dense),

@@ -104,4 +104,6 @@ def _quantize(quantize_dynamic: Any, quant_type: Any, onnx: Any, source: Path, o
         op_types_to_quantize=["MatMul", "Attention"],
         nodes_to_exclude=candidate.keep_fp32_nodes,
         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        # int8 weights of even the largest supported models fit in one protobuf, so no side files.
+        use_external_data_format=False,
     )

@@ -55,6 +55,8 @@ class Variant:
     ms_per_batch: dict[str, float] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
     verified_on: list[str] = field(default_factory=lambda: ["cpu"])
+    # Weight files beside `file` for models over protobuf's 2 GB limit, with their sha256.
+    external_data: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,6 +180,9 @@ def load_manifest(bundle_dir: Path, verify_files: bool = True) -> Manifest:
                 raise ManifestError(f"variant {name}: file {variant.file} is missing from {bundle_dir}")
             if file_path.stat().st_size != variant.size_bytes:
                 raise ManifestError(f"variant {name}: {variant.file} has changed since export (size differs)")
+            for data_file in variant.external_data:
+                if not (bundle_dir / data_file).is_file():
+                    raise ManifestError(f"variant {name}: weight file {data_file} is missing from {bundle_dir}")
         if not (bundle_dir / manifest.tokenizer["file"]).is_file():
             raise ManifestError(f"tokenizer file {manifest.tokenizer['file']} is missing from {bundle_dir}")
     return manifest

@@ -179,3 +179,36 @@ def test_reexport_replaces_bundle(work_dir: Path, bge_style_source: Path) -> Non
     assert not (output / "model" / "stray-file").exists()
     assert load_manifest(output / "model").variants["float32"].graph_optimization == "none"
     shutil.rmtree(output)
+
+
+def test_models_with_external_weight_files(work_dir: Path, bge_style_source: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models over 2 GB (bge-m3 in fp32) come out of the ONNX export with their weights in a side
+    file; a small model re-saved that way takes the same path through optimize, quantize and fp16."""
+    import onnx
+
+    original = onnx_export.export_onnx
+
+    def export_with_side_file(source: object, work: Path) -> Path:
+        path = original(source, work)  # type: ignore[arg-type]
+        model = onnx.load(str(path))
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx_data", size_threshold=0)
+        return path
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export_with_side_file)
+    bundle = export_quietly(bge_style_source, "tiny-external", work_dir / "models", int8=True, fp16=True).bundle_dir
+    manifest = load_manifest(bundle)
+    fp32 = manifest.variants["float32"]
+    assert fp32.external_data, "the fp32 variant should keep its weights in a side file"
+    for name, digest in fp32.external_data.items():
+        assert sha256_file(bundle / name) == digest
+    assert fp32.parity["min_cosine"] >= 0.99999
+    assert {"int8", "float16"} <= set(manifest.variants) | set(manifest.refused_variants)
+    ours = BundleModel(bundle).embed(NEW_TEXTS)
+    assert _cosines(ours, _st_encode(bge_style_source, NEW_TEXTS)).min() >= 0.99999
+    (bundle / next(iter(fp32.external_data))).unlink()
+    from service.core.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="weight file"):
+        load_manifest(bundle)

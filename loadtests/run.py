@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,25 @@ SCENARIOS = [
 ]
 
 
+def throughput(forward: Callable[[Any], Any], batch: Any, size: int, workers: int, seconds: float) -> float:
+    """Items per second when `workers` threads run `forward(batch)` back to back for `seconds`."""
+    done = [0]
+    stop = time.perf_counter() + seconds
+
+    def work() -> None:
+        while time.perf_counter() < stop:
+            forward(batch)
+            done[0] += size
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return done[0] / (time.perf_counter() - started)
+
+
 def ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
     """Batch-1 latency and batch-32 throughput ONNX Runtime reaches in this process, each the best of
     the configurations tried (thread spinning on or off; one pass at a time on all cores, or two
@@ -74,23 +94,9 @@ def ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
     result["batch1_p50_ms"] = min(result["batch1_p50_ms_spinning_on"], result["batch1_p50_ms_spinning_off"])
     model = BundleModel(bundle, variant=variant, session_config=SessionConfig())
     full = model.tokenizer.pad(model.tokenizer.encode(texts))
+    model.forward_pooled(full)
     for workers in (1, 2):
-        done = [0]
-        stop = time.perf_counter() + seconds
-
-        def work(stop: float = stop, done: list[int] = done) -> None:
-            while time.perf_counter() < stop:
-                model.forward_pooled(full)
-                done[0] += 32
-
-        model.forward_pooled(full)
-        started = time.perf_counter()
-        threads = [threading.Thread(target=work) for _ in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        result[f"batch32_items_per_s_{workers}_pass"] = done[0] / (time.perf_counter() - started)
+        result[f"batch32_items_per_s_{workers}_pass"] = throughput(model.forward_pooled, full, 32, workers, seconds)
     result["batch32_items_per_s"] = max(result["batch32_items_per_s_1_pass"], result["batch32_items_per_s_2_pass"])
     return result
 
@@ -113,21 +119,8 @@ def rerank_ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, floa
         batch = model.tokenizer.pad(model.tokenizer.encode(pairs[:size]))
         model.forward_logits(batch)
         for workers in (1, 2):
-            done = [0]
-            stop = time.perf_counter() + seconds
-
-            def work(stop: float = stop, done: list[int] = done, batch: Any = batch, size: int = size) -> None:
-                while time.perf_counter() < stop:
-                    model.forward_logits(batch)
-                    done[0] += size
-
-            started = time.perf_counter()
-            threads = [threading.Thread(target=work) for _ in range(workers)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            result[f"batch{size}_pairs_per_s_{workers}_pass"] = done[0] / (time.perf_counter() - started)
+            result[f"batch{size}_pairs_per_s_{workers}_pass"] = throughput(model.forward_logits, batch, size,
+                                                                            workers, seconds)
     result["pairs_per_s"] = max(result.values())
     result["tokens_per_pair"] = statistics.mean(len(item) for item in model.tokenizer.encode(pairs))
     return result

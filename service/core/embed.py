@@ -198,6 +198,18 @@ async def run(ticket: _Ticket, items: list[TokenizedItem], tag: str, timings: Ti
     return results
 
 
+async def process(model: ServedModel, inputs: Sequence[TextOrPair | list[int]], tag: str, *, limits: Limits,
+                  truncate: bool | None, direction: Literal["right", "left"], executor: Executor | None,
+                  wait: WaitHook | None) -> tuple[list[Any], Usage, Timings]:
+    """Admit, tokenize and run a request's inputs on the model's batcher; one result per input."""
+    timings = Timings()
+    with admitted(model, limits) as ticket:
+        items, usage = await tokenize(model, inputs, limits.auto_truncate if truncate is None else truncate,
+                                      direction, executor, timings)
+        rows = await run(ticket, items, tag, timings, wait)
+    return rows, usage, timings
+
+
 def _with_prompt(inputs: Sequence[Input], prompt: str) -> list[Input]:
     if not prompt:
         return list(inputs)
@@ -216,13 +228,9 @@ async def embed(model: ServedModel, inputs: Sequence[Input], *, limits: Limits, 
         if dimensions > model.manifest.dimensions:
             raise ApiError(ErrorKind.VALIDATION, f"`dimensions` {dimensions} is larger than the model's "
                            f"{model.manifest.dimensions}", param="dimensions")
-    timings = Timings()
-    prompt = resolve_prompt(model, limits, prompt_name)
-    with admitted(model, limits) as ticket:
-        items, usage = await tokenize(model, _with_prompt(inputs, prompt),
-                                      limits.auto_truncate if truncate is None else truncate, direction, executor,
-                                      timings)
-        rows = await run(ticket, items, TAG_POOLED, timings, wait)
+    prompted = _with_prompt(inputs, resolve_prompt(model, limits, prompt_name))
+    rows, usage, timings = await process(model, prompted, TAG_POOLED, limits=limits, truncate=truncate,
+                                         direction=direction, executor=executor, wait=wait)
     vectors = np.stack(rows).astype(np.float32, copy=False)
     if dimensions is not None and dimensions < vectors.shape[1]:
         vectors = np.ascontiguousarray(vectors[:, :dimensions])
@@ -239,13 +247,9 @@ async def embed_tokens(model: ServedModel, inputs: Sequence[Input], *, limits: L
                        wait: WaitHook | None = None) -> TokenEmbeddingsResult:
     """Per-token hidden states (no pooling) for each input."""
     check_count(len(inputs), limits)
-    timings = Timings()
-    prompt = resolve_prompt(model, limits, prompt_name)
-    with admitted(model, limits) as ticket:
-        items, usage = await tokenize(model, _with_prompt(inputs, prompt),
-                                      limits.auto_truncate if truncate is None else truncate, direction, executor,
-                                      timings)
-        rows = await run(ticket, items, TAG_TOKENS, timings, wait)
+    prompted = _with_prompt(inputs, resolve_prompt(model, limits, prompt_name))
+    rows, usage, timings = await process(model, prompted, TAG_TOKENS, limits=limits, truncate=truncate,
+                                         direction=direction, executor=executor, wait=wait)
     return TokenEmbeddingsResult(rows, usage, timings)
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from service.core.embed import Limits, Timings, Usage, WaitHook, admitted, check_count, embed, run, tokenize
+from service.core.embed import Limits, Timings, Usage, WaitHook, check_count, embed, process
 from service.core.registry import TAG_LOGITS, ServedModel
 from service.engines.pooling import sigmoid, softmax
 from service.engines.tokenizer import TextOrPair
@@ -86,12 +86,9 @@ async def rerank(model: ServedModel, query: str, documents: Sequence[str], *, li
                                            pre_cut)
     if model.task != "rerank":
         raise ApiError(ErrorKind.WRONG_TASK, f"model '{model.name}' is not a re-ranker model")
-    timings = Timings()
     pairs: list[TextOrPair] = [(query, document) for document in documents]
-    with admitted(model, limits) as ticket:
-        items, usage = await tokenize(model, pairs, limits.auto_truncate if truncate is None else truncate,
-                                      direction, executor, timings)
-        logits = await run(ticket, items, TAG_LOGITS, timings, wait)
+    logits, usage, timings = await process(model, pairs, TAG_LOGITS, limits=limits, truncate=truncate,
+                                           direction=direction, executor=executor, wait=wait)
     raw = np.array([row[0] for row in logits], dtype=np.float32)
     usage.truncated += pre_cut
     return RerankResult(_finite(raw if raw_scores else sigmoid(raw)), usage, timings)
@@ -122,11 +119,8 @@ async def classify(model: ServedModel, inputs: Sequence[TextOrPair], *, limits: 
     check_count(len(inputs), limits)
     if model.task not in ("classify", "rerank"):
         raise ApiError(ErrorKind.WRONG_TASK, f"model '{model.name}' is not a classifier model")
-    timings = Timings()
-    with admitted(model, limits) as ticket:
-        items, usage = await tokenize(model, inputs, limits.auto_truncate if truncate is None else truncate,
-                                      direction, executor, timings)
-        rows = await run(ticket, items, TAG_LOGITS, timings, wait)
+    rows, usage, timings = await process(model, inputs, TAG_LOGITS, limits=limits, truncate=truncate,
+                                         direction=direction, executor=executor, wait=wait)
     logits = np.stack(rows).astype(np.float32)
     labels = model.manifest.labels
     if raw_scores:

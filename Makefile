@@ -7,7 +7,7 @@ DEFAULT_MODEL ?= all-MiniLM-L6-v2
 PORT ?= 8080
 HOST ?= 127.0.0.1
 
-.PHONY: run test lint typecheck unit export-default clean
+.PHONY: run test test-docker lint typecheck unit export-default clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ typecheck: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test lint typecheck
 	$(BIN)/python -m pytest -q tests
+
+# Builds the CPU image with podman and runs it as a TEI user would (needs ../shared/tools/container-setup.sh).
+test-docker: $(VENV)/.installed-run $(MODELS)/$(DEFAULT_MODEL)/manifest.json
+	MODELS=$(MODELS) BUNDLE=$(DEFAULT_MODEL) bash docker/test-image.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

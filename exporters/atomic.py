@@ -94,6 +94,9 @@ def staged_directory(output: Path, name: str) -> Iterator[Path]:
             raise ExportFailure(f"another export of {name} into {output} is running") from None
         _remove_stale_partials(output, name)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=output))
+        # mkdtemp makes the directory private (0700); a bundle must be readable by the server's user,
+        # e.g. a container's non-root user reading a bundle exported as root.
+        os.chmod(staging, 0o755)
         try:
             yield staging
             _fsync_tree(staging)

@@ -109,11 +109,13 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
     served: list[ServedModel] = []
     for position, model_id in enumerate(model_ids):
         started = time.perf_counter()
-        directory = bundle_directory(model_id, models_dir)
         try:
+            directory = bundle_directory(model_id, models_dir)
             manifest = load_manifest(directory)
         except ManifestError as error:
             raise StartupError(str(error)) from None
+        except OSError as error:
+            raise StartupError(f"cannot read {model_id}: {error.strerror} ({error.filename})") from None
         variant = choose_variant(list(manifest.variants), dtype, chosen_device, directory)
         if chosen_device == "cuda" and dtype == "auto" and variant != "float16":
             logger.info("%s has no float16 variant; running float32 on CUDA", directory)

@@ -62,6 +62,7 @@ def test_staged_directory_swaps_in_whole_or_not_at_all(tmp_path: Path) -> None:
     with staged_directory(tmp_path, "bundle") as stage:
         (stage / "a").write_text("one")
     assert (tmp_path / "bundle" / "a").read_text() == "one"
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755, "bundles must be readable by other users"
     with pytest.raises(RuntimeError), staged_directory(tmp_path, "bundle") as stage:
         (stage / "a").write_text("two")
         raise RuntimeError("interrupted")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -23,12 +24,13 @@ from service.core.loading import load_models
 from service.core.registry import ModelRegistry, batch_observer
 from service.engines.ort_engine import SessionConfig, default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
-from service.observability import Metrics
+from service.observability import REQUEST_ID, Metrics
 from service.routes import openai as openai_routes
 from service.routes import rerank as rerank_routes
 from service.routes import tei as tei_routes
 
 logger = logging.getLogger("embedrank.app")
+access_logger = logging.getLogger("embedrank.access")
 
 
 class PayloadLimit:
@@ -83,32 +85,60 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-class RequestMetrics:
-    """Count requests by route template and status, and their latency (pure ASGI: no body buffering)."""
+class RequestObserver:
+    """Per request: an id (X-Request-ID accepted or made, echoed, on every log line), metrics by route
+    template, model and status, and one access-log line. Pure ASGI, so bodies are never buffered."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    _ECHOED = (b"x-model", b"x-compute-tokens", b"x-queue-time", b"x-inference-time", b"x-tokenization-time")
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_requests: bool) -> None:
         self.app = app
         self.metrics = metrics
+        self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        given = _header(scope, b"x-request-id")
+        request_id = given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
         status = 500
+        facts: dict[str, str] = {}
 
         async def capture(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = list(message.get("headers", []))
+                for name, value in headers:
+                    if name in self._ECHOED:
+                        facts[name.decode()] = value.decode("latin-1")
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
         finally:
+            elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, _header(scope, b"x-model"), str(status)).inc()
-            self.metrics.request_seconds.labels(route, "total").observe(time.perf_counter() - started)
+            model = facts.get("x-model", "")
+            self.metrics.requests.labels(route, model, str(status)).inc()
+            self.metrics.request_seconds.labels(route, "total").observe(elapsed)
+            for phase in ("queue", "tokenization", "inference"):
+                value = facts.get(f"x-{phase}-time")
+                if value:
+                    self.metrics.request_seconds.labels(route, phase).observe(float(value) / 1000)
+            if self.log_requests:
+                fields = {"method": scope["method"], "route": route, "status": status, "model": model or None,
+                          "tokens": int(facts.get("x-compute-tokens", 0)), "total_ms": round(elapsed * 1000, 3),
+                          "queue_ms": float(facts.get("x-queue-time", 0)),
+                          "inference_ms": float(facts.get("x-inference-time", 0))}
+                access_logger.info("%s %s %s %.1fms model=%s tokens=%s", scope["method"], scope["path"], status,
+                                   elapsed * 1000, model or "-", fields["tokens"], extra={"fields": fields})
+            REQUEST_ID.reset(token)
 
 
 def _header(scope: Scope, name: bytes) -> str:
@@ -202,5 +232,10 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     if settings.api_key is not None:
         keys = [key.strip().encode() for key in settings.api_key.get_secret_value().split(",") if key.strip()]
         app.add_middleware(BearerAuth, keys=keys)  # type: ignore[arg-type]
-    app.add_middleware(RequestMetrics, metrics=metrics)  # type: ignore[arg-type]
+    if settings.cors_allow_origin:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origin,  # type: ignore[arg-type]
+                           allow_methods=["GET", "POST"], allow_headers=["*"], expose_headers=["*"])
+    app.add_middleware(RequestObserver, metrics=metrics, log_requests=settings.log_requests)  # type: ignore[arg-type]
     return app

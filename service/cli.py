@@ -27,11 +27,14 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per forward pass"),
     ("--engine-workers", "engine_workers", int, "forward passes run at once per model (default 2)"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
+    ("--graceful-shutdown-seconds", "graceful_shutdown_seconds", int, "grace period for in-flight requests"),
+    ("--cors-allow-origin", "cors_allow_origin", str, "origins allowed from browsers (repeatable or comma-separated)"),
 ]
 _BOOL_FLAGS = [
     ("--auto-truncate", "auto_truncate", "truncate over-long inputs unless a request says otherwise (default true)"),
     ("--json-output", "json_output", "log JSON lines"),
     ("--warmup", "warmup", "warm up before reporting ready (default true)"),
+    ("--log-requests", "log_requests", "one log line per request (default true)"),
 ]
 
 
@@ -46,7 +49,7 @@ def _bool(value: str) -> bool:
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, field, kind, help_text in _SERVE_FLAGS:
-        repeatable = field in ("model_id", "served_model_name")
+        repeatable = field in ("model_id", "served_model_name", "cors_allow_origin")
         parser.add_argument(flag, dest=field, type=kind, help=help_text, default=argparse.SUPPRESS,
                             action="append" if repeatable else "store")
     parser.add_argument("-p", dest="port", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -61,7 +64,7 @@ def serve(args: argparse.Namespace) -> int:
     from service.config import Settings
 
     given = {key: value for key, value in vars(args).items() if key != "command"}
-    for key in ("model_id", "served_model_name"):
+    for key in ("model_id", "served_model_name", "cors_allow_origin"):
         if key in given:
             given[key] = [part for value in given[key] for part in value.split(",") if part]
     try:

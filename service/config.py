@@ -64,11 +64,20 @@ class Settings(BaseSettings):
         None, ge=1, description="Forward passes run at once per model (default: 2 on machines with 2 or more "
         "cores). Two overlapping batches keep a small CPU busy while the event loop works; 1 gives the lowest "
         "latency for a lone request on an idle server.")
+    cors_allow_origin: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed to call from browsers (comma-separated; * for any). "
+        "Empty: no CORS headers, so browsers on other origins cannot call the server.")
+    log_requests: bool = Field(
+        True, description="One log line per request (id, route, status, model, tokens, timings); never the "
+        "input text. Costs a few microseconds per request.")
+    graceful_shutdown_seconds: int = Field(
+        30, ge=0, description="On SIGTERM, how long in-flight requests may take to finish before the server "
+        "exits anyway.")
     json_output: bool = Field(False, description="Log JSON lines instead of text.")
     log_level: str = Field("info", description="Logging level: debug, info, warning, error.")
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready.")
 
-    @field_validator("model_id", "served_model_name", mode="before")
+    @field_validator("model_id", "served_model_name", "cors_allow_origin", mode="before")
     @classmethod
     def _split_lists(cls, value: object) -> object:
         return _split(value)

@@ -70,12 +70,15 @@ def parse_body(request: Request, data: Any, schema: type[T], surface: str | None
 
 
 def json_response(body: Any, timings: Timings | None = None, usage: Usage | None = None,
-                  compute_type: str = "cpu", status_code: int = 200) -> Response:
+                  model: ServedModel | None = None, status_code: int = 200) -> Response:
+    """orjson straight from numpy, with TEI's timing headers and `x-model` naming the model that answered."""
     headers: dict[str, str] = {}
+    if model is not None:
+        headers["x-model"] = model.name
     if timings is not None:
         total = timings.total
-        headers = {
-            "x-compute-type": compute_type,
+        headers |= {
+            "x-compute-type": compute_type(model) if model is not None else "cpu",
             "x-compute-time": f"{total:.3f}",
             "x-total-time": f"{total:.3f}",
             "x-tokenization-time": f"{timings.tokenization:.3f}",

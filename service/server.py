@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from types import FrameType
 
 from service.config import Settings
 from service.core.loading import StartupError
@@ -30,8 +32,20 @@ def run_server(settings: Settings) -> int:
         return 1
     app = create_app(settings, registry)
     config = uvicorn.Config(app, host=settings.hostname, port=settings.port, log_config=None, access_log=False,
-                            loop="auto", http="auto", lifespan="on", timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
+                            loop="auto", http="auto", lifespan="on",
+                            timeout_graceful_shutdown=settings.graceful_shutdown_seconds)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Readiness drops at once; uvicorn then stops accepting, lets in-flight requests finish
+            # (their queued items are still computed) within the grace period, and exits 0.
+            app.state.ready = False
+            logger.info("shutting down: no longer ready, finishing in-flight requests")
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises caught signals once drained; a clean SIGTERM shutdown should exit 0.
+            if sig == signal.SIGTERM:
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+    server = Server(config)
     server.run()
     if not server.started:
         return 1

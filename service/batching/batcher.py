@@ -118,6 +118,11 @@ class DynamicBatcher:
         return len(self._queue)
 
     @property
+    def alive(self) -> bool:
+        """Every worker thread is running (they end only when the batcher is stopped)."""
+        return all(thread.is_alive() for thread in self._threads)
+
+    @property
     def busy(self) -> bool:
         return self._busy > 0 or bool(self._queue)
 

@@ -131,6 +131,10 @@ class TextTokenizer:
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [len(encoding.ids) for encoding in self._plain.encode_batch([self._prepare(t) for t in texts])]
 
+    @property
+    def vocabulary_size(self) -> int:
+        return int(self._plain.get_vocab_size(with_added_tokens=True))
+
     def special_token_ids(self) -> set[int]:
         return {
             int(token_id)

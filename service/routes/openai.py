@@ -30,7 +30,7 @@ async def embeddings(body: openai.EmbeddingsRequest, request: Request) -> Respon
                               dimensions=dimensions, executor=request.app.state.executor,
                               wait=deps.until_disconnect(request))
     response = openai.embeddings_response(result.vectors, model.name, result.usage.tokens, body.encoding_format)
-    return deps.json_response(response, result.timings, result.usage, deps.compute_type(model))
+    return deps.json_response(response, result.timings, result.usage, model)
 
 
 @router.get("/v1/models")

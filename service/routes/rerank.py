@@ -45,7 +45,7 @@ async def rerank(request: Request) -> Response:
                                direction=body.truncation_direction, **_common(request))  # type: ignore[arg-type]
     ranked = [{"index": index, "score": float(result.scores[index]),
                **({"text": body.texts[index]} if body.return_text else {})} for index in result.ranking()]
-    return deps.json_response(ranked, result.timings, result.usage, deps.compute_type(model))
+    return deps.json_response(ranked, result.timings, result.usage, model)
 
 
 async def _infinity_rerank(request: Request, data: dict[str, object]) -> Response:
@@ -59,7 +59,7 @@ async def _infinity_rerank(request: Request, data: dict[str, object]) -> Respons
                for index in result.ranking(body.top_n)]
     response = infinity.envelope("rerank", {"results": results, "truncated_documents": result.usage.truncated},
                                  model.name, result.usage.tokens)
-    return deps.json_response(response, result.timings, result.usage, deps.compute_type(model))
+    return deps.json_response(response, result.timings, result.usage, model)
 
 
 @router.post("/predict", tags=["TEI"], responses=ERRORS)
@@ -77,7 +77,7 @@ async def predict(body: tei.PredictRequest, request: Request) -> Response:
         model, inputs, raw_scores=body.raw_scores, truncate=body.truncate, direction=body.truncation_direction,
         **_common(request))  # type: ignore[arg-type]
     shaped = [[{"score": p.score, "label": p.label} for p in row] for row in predictions]
-    return deps.json_response(shaped if is_batch else shaped[0], timings, usage, deps.compute_type(model))
+    return deps.json_response(shaped if is_batch else shaped[0], timings, usage, model)
 
 
 @router.post("/classify", tags=["Infinity"], responses=ERRORS)
@@ -91,7 +91,7 @@ async def classify(body: infinity.ClassifyRequest, request: Request) -> Response
                                                       **_common(request))  # type: ignore[arg-type]
     data = [[{"score": p.score, "label": p.label} for p in row] for row in predictions]
     return deps.json_response(infinity.envelope("classify", {"data": data}, model.name, usage.tokens), timings,
-                              usage, deps.compute_type(model))
+                              usage, model)
 
 
 async def _cohere(request: Request, body: cohere.RerankV1Request | cohere.RerankV2Request,
@@ -104,7 +104,7 @@ async def _cohere(request: Request, body: cohere.RerankV1Request | cohere.Rerank
     scores = [float(score) for score in result.scores]
     response = cohere.rerank_response(result.ranking(body.top_n), scores, documents, body.return_documents,
                                       model.name, result.usage.tokens, api_version, result.usage.truncated)
-    return deps.json_response(response, result.timings, result.usage, deps.compute_type(model))
+    return deps.json_response(response, result.timings, result.usage, model)
 
 
 @router.post("/v1/rerank", tags=["Cohere", "Jina"], responses=ERRORS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -9,6 +11,7 @@ from starlette.responses import Response
 import service
 from service import deps
 from service.core import embed as core
+from service.core import tokens as tokens_core
 from service.errors import ApiError, ErrorKind, openapi_responses
 from service.protocols import tei
 
@@ -33,7 +36,7 @@ async def embed(body: tei.EmbedRequest, request: Request) -> Response:
         model, tei.flatten_inputs(body.inputs), limits=deps.limits(request), normalize=body.normalize,
         truncate=body.truncate, direction=body.truncation_direction, prompt_name=body.prompt_name,
         dimensions=body.dimensions, executor=request.app.state.executor, wait=deps.until_disconnect(request))
-    return deps.json_response(result.vectors, result.timings, result.usage, deps.compute_type(model))
+    return deps.json_response(result.vectors, result.timings, result.usage, model)
 
 
 @router.post("/embed_all", responses=ERRORS)
@@ -47,7 +50,7 @@ async def embed_all(body: tei.EmbedAllRequest, request: Request) -> Response:
         model, tei.flatten_inputs(body.inputs), limits=deps.limits(request), truncate=body.truncate,
         direction=body.truncation_direction, prompt_name=body.prompt_name, executor=request.app.state.executor,
         wait=deps.until_disconnect(request))
-    return deps.json_response(result.tokens, result.timings, result.usage, deps.compute_type(model))
+    return deps.json_response(result.tokens, result.timings, result.usage, model)
 
 
 @router.post("/similarity", responses=ERRORS)
@@ -65,7 +68,7 @@ async def similarity(body: tei.SimilarityRequest, request: Request) -> Response:
         truncate=parameters.truncate, direction=parameters.truncation_direction, prompt_name=parameters.prompt_name,
         executor=request.app.state.executor, wait=deps.until_disconnect(request))
     return deps.json_response(core.cosine_to_first(result.vectors), result.timings, result.usage,
-                              deps.compute_type(model))
+                              model)
 
 
 def _plus_one(limits: core.Limits) -> core.Limits:
@@ -84,20 +87,8 @@ async def tokenize(body: tei.TokenizeRequest, request: Request) -> Response:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     core.check_count(len(texts), deps.limits(request))
     prompt = core.resolve_prompt(model, deps.limits(request), body.prompt_name)
-    tokenizer = model.bundle.tokenizer
-    special = tokenizer.special_token_ids()
-    encodings = tokenizer.encode_raw([prompt + text for text in texts], add_special_tokens=body.add_special_tokens)
-    output = []
-    for text, encoding in zip(texts, encodings, strict=True):
-        full = prompt + text
-        tokens: list[dict[str, object]] = []
-        for token_id, (start, stop) in zip(encoding.ids, encoding.offsets, strict=True):
-            is_special = token_id in special
-            tokens.append({"id": token_id, "text": encoding.tokens[len(tokens)] if is_special else full[start:stop],
-                           "special": is_special, "start": None if is_special else start,
-                           "stop": None if is_special else stop})
-        output.append(tokens)
-    return deps.json_response(output)
+    return deps.json_response([[asdict(token) for token in tokens]
+                               for tokens in tokens_core.tokens_of(model, texts, prompt, body.add_special_tokens)])
 
 
 def _has_embedder(request: Request) -> bool:
@@ -113,9 +104,7 @@ async def decode(body: tei.DecodeRequest, request: Request) -> Response:
     model = deps.registry(request).models[0]
     ids = body.ids
     batches: list[list[int]] = [ids] if not ids or isinstance(ids[0], int) else ids  # type: ignore[list-item]
-    if not batches or not any(batches):
-        raise ApiError(ErrorKind.EMPTY, "`ids` cannot be empty", param="ids")
-    return deps.json_response(model.bundle.tokenizer.decode(batches, body.skip_special_tokens))
+    return deps.json_response(tokens_core.decode(model, batches, body.skip_special_tokens))
 
 
 @router.get("/info", response_model=tei.Info)
@@ -170,10 +159,24 @@ async def root(request: Request) -> Response:
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    """200 with an empty body when the server is up and its models are loaded; 503 when shutting down.
+    """Liveness: 200 with an empty body while the server and its batch workers run (also while it
+    drains on shutdown); 503 `{"error": "unhealthy", ...}` if a worker has died.
 
     `curl -i localhost:8080/health`
     """
-    if not request.app.state.ready:
+    registry = getattr(request.app.state, "registry", None)
+    if registry is None or not all(m.batcher is not None and m.batcher.alive for m in registry.models):
         raise ApiError(ErrorKind.UNHEALTHY, "unhealthy")
     return Response(status_code=200)
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    """Readiness: 200 once every model is loaded and warmed up; 503 from the moment shutdown begins, so a
+    load balancer stops sending new requests while in-flight ones finish.
+
+    `curl -i localhost:8080/ready`
+    """
+    if not request.app.state.ready:
+        raise ApiError(ErrorKind.UNHEALTHY, "not ready")
+    return deps.json_response({"status": "ready", "models": deps.registry(request).names()})

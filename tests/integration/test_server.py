@@ -146,3 +146,27 @@ def test_hugging_face_directory_is_exported_once_then_served(bge_style_source: P
         assert httpx.post(second.url + "/embed", json={"inputs": ["hello there"]}).json() == vectors
         assert "exported earlier" in second.output()
     assert manifest.stat().st_mtime == exported_at
+
+
+def test_sigterm_finishes_accepted_requests_then_exits_0(bge_style_bundle: Path, tmp_path: Path) -> None:
+    import signal
+
+    with running_server(["--model-id", str(bge_style_bundle), "--max-batch-tokens", "256", "--engine-workers", "1"],
+                        tmp_path / "logs") as live:
+        async def scenario() -> list[int]:
+            limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=live.url, timeout=120, limits=limits) as client:
+                body = {"inputs": ["the capital of france " * 12] * 16}
+                tasks = [asyncio.create_task(client.post("/embed", json=body)) for _ in range(60)]
+                await asyncio.sleep(1.0)  # every request is sent and accepted; most are still queued
+                ready_before = (await client.get("/ready")).status_code
+                live.process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                responses = await asyncio.gather(*tasks)
+                assert ready_before == 200
+                return [response.status_code for response in responses]
+
+        statuses = asyncio.run(scenario())
+        assert statuses == [200] * 60
+        assert live.process.wait(timeout=60) == 0
+        assert "shutting down" in live.output()

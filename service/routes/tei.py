@@ -157,7 +157,9 @@ async def root(request: Request) -> Response:
     return await embed(deps.parse_body(request, data, tei.EmbedRequest, "tei"), request)
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response,
+            responses={200: {"description": "Healthy (empty body)", "content": {}},
+                       **openapi_responses(ErrorKind.UNHEALTHY)})
 async def health(request: Request) -> Response:
     """Liveness: 200 with an empty body while the server and its batch workers run (also while it
     drains on shutdown); 503 `{"error": "unhealthy", ...}` if a worker has died.
@@ -170,7 +172,7 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/ready")
+@router.get("/ready", responses=openapi_responses(ErrorKind.UNHEALTHY))
 async def ready(request: Request) -> Response:
     """Readiness: 200 once every model is loaded and warmed up; 503 from the moment shutdown begins, so a
     load balancer stops sending new requests while in-flight ones finish.

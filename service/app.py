@@ -177,6 +177,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
         finally:
             app.state.ready = False
             models.stop()
+            provider = getattr(app.state, "tracer_provider", None)
+            if provider is not None:
+                provider.shutdown()  # flushes the spans still batched
             app.state.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="embedrank", version=service.__version__, lifespan=lifespan,
@@ -190,7 +193,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.state.tokenization_workers = workers
     app.state.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
     app.state.limits = Limits(settings.max_client_batch_size, settings.auto_truncate, settings.default_prompt,
-                              settings.default_prompt_name, settings.max_concurrent_requests)
+                              settings.default_prompt_name, settings.max_concurrent_requests,
+                              settings.split_oversized_batches, settings.max_input_characters,
+                              settings.queue_timeout_seconds)
 
     def start_batchers(models: ModelRegistry) -> None:
         for model in models.models:
@@ -238,4 +243,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origin,  # type: ignore[arg-type]
                            allow_methods=["GET", "POST"], allow_headers=["*"], expose_headers=["*"])
     app.add_middleware(RequestObserver, metrics=metrics, log_requests=settings.log_requests)  # type: ignore[arg-type]
+    if settings.otlp_endpoint:
+        from service.observability import setup_tracing
+
+        setup_tracing(app, settings.otlp_endpoint, settings.otlp_service_name)
     return app

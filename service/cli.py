@@ -19,6 +19,8 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-batch-requests", "max_batch_requests", int, "items per forward pass (default: token budget only)"),
     ("--max-client-batch-size", "max_client_batch_size", int, "inputs per request (default 2048)"),
     ("--max-concurrent-requests", "max_concurrent_requests", int, "requests admitted at once (default 512)"),
+    ("--max-input-characters", "max_input_characters", int, "longest input in characters"),
+    ("--queue-timeout-seconds", "queue_timeout_seconds", float, "drop requests not started within this time"),
     ("--payload-limit", "payload_limit", int, "largest request body in bytes (default 2000000)"),
     ("--api-key", "api_key", str, "require Authorization: Bearer KEY"),
     ("--default-prompt-name", "default_prompt_name", str, "prompt of the model prepended to every input"),
@@ -27,6 +29,8 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per forward pass"),
     ("--engine-workers", "engine_workers", int, "forward passes run at once per model (default 2)"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
+    ("--otlp-endpoint", "otlp_endpoint", str, "OpenTelemetry collector for request spans (OTLP gRPC)"),
+    ("--otlp-service-name", "otlp_service_name", str, "service.name of the spans (default embedrank)"),
     ("--graceful-shutdown-seconds", "graceful_shutdown_seconds", int, "grace period for in-flight requests"),
     ("--cors-allow-origin", "cors_allow_origin", str, "origins allowed from browsers (repeatable or comma-separated)"),
 ]
@@ -35,6 +39,7 @@ _BOOL_FLAGS = [
     ("--json-output", "json_output", "log JSON lines"),
     ("--warmup", "warmup", "warm up before reporting ready (default true)"),
     ("--log-requests", "log_requests", "one log line per request (default true)"),
+    ("--split-oversized-batches", "split_oversized_batches", "split requests over --max-client-batch-size"),
 ]
 
 

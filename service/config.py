@@ -41,6 +41,16 @@ class Settings(BaseSettings):
         None, ge=1, description="Items per forward pass (default: bounded by max_batch_tokens only).")
     max_client_batch_size: int = Field(
         2048, ge=1, description="Inputs accepted in one request; larger requests get 422.")
+    split_oversized_batches: bool = Field(
+        False, description="Accept requests with more inputs than --max-client-batch-size and split them across "
+        "forward passes instead of answering 422 (clients such as LangChain send 1,000+ texts at once). The "
+        "body size limit still applies.")
+    max_input_characters: int | None = Field(
+        None, ge=1, description="Longest input in characters, checked before tokenizing (422 beyond). Default: "
+        "max length x 250 when truncation is off (TEI's rule), no limit when it is on.")
+    queue_timeout_seconds: float | None = Field(
+        None, gt=0, description="A request whose items have not started computing within this many seconds is "
+        "dropped and answered 429: its caller has likely given up. Default: no deadline.")
     max_concurrent_requests: int = Field(
         512, ge=1, description="Requests admitted at once; beyond it requests are refused with 429 at once "
         "instead of queueing. Lower keeps latency bounded under overload.")
@@ -73,6 +83,10 @@ class Settings(BaseSettings):
     graceful_shutdown_seconds: int = Field(
         30, ge=0, description="On SIGTERM, how long in-flight requests may take to finish before the server "
         "exits anyway.")
+    otlp_endpoint: str | None = Field(
+        None, description="Send a trace span per request to this OpenTelemetry collector (OTLP over gRPC, e.g. "
+        "localhost:4317). Needs the otel extra.")
+    otlp_service_name: str = Field("embedrank", description="service.name of the exported spans.")
     json_output: bool = Field(False, description="Log JSON lines instead of text.")
     log_level: str = Field("info", description="Logging level: debug, info, warning, error.")
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready.")

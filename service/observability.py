@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 
 from service.batching.batcher import BatchStats
 
@@ -21,6 +21,9 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds; Python GC counts
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.requests = Counter("embedrank_requests_total", "Requests by route, model and status code",
                                 ["route", "model", "status"], registry=self.registry)
         self.request_seconds = Histogram("embedrank_request_duration_seconds", "Request latency by phase",
@@ -82,3 +85,20 @@ def configure_logging(level: str, json_output: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def setup_tracing(app: Any, endpoint: str, service_name: str) -> None:
+    """Export a span per request (OTLP over gRPC) when OpenTelemetry is installed (the otel extra)."""
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        raise RuntimeError("--otlp-endpoint needs OpenTelemetry: pip install 'embedrank[otel]'") from None
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    insecure = not endpoint.startswith("https://")
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls="health,metrics")
+    app.state.tracer_provider = provider

@@ -30,7 +30,12 @@ def run_server(settings: Settings) -> int:
     except StartupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    app = create_app(settings, registry)
+    try:
+        app = create_app(settings, registry)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        registry.stop()
+        return 1
     config = uvicorn.Config(app, host=settings.hostname, port=settings.port, log_config=None, access_log=False,
                             loop="auto", http="auto", lifespan="on",
                             timeout_graceful_shutdown=settings.graceful_shutdown_seconds)

@@ -36,6 +36,9 @@ class Limits:
     default_prompt: str | None = None
     default_prompt_name: str | None = None
     max_concurrent_requests: int = 512
+    split_oversized_batches: bool = False
+    max_input_characters: int | None = None
+    queue_timeout_seconds: float | None = None
 
 
 @dataclass
@@ -95,7 +98,7 @@ def resolve_prompt(model: ServedModel, limits: Limits, prompt_name: str | None) 
 def check_count(count: int, limits: Limits, field_name: str = "inputs") -> None:
     if count == 0:
         raise ApiError(ErrorKind.EMPTY, f"`{field_name}` cannot be empty", param=field_name)
-    if count > limits.max_client_batch_size:
+    if count > limits.max_client_batch_size and not limits.split_oversized_batches:
         raise ApiError(ErrorKind.VALIDATION,
                        f"batch size {count} > maximum allowed batch size {limits.max_client_batch_size}",
                        param=field_name)
@@ -103,7 +106,7 @@ def check_count(count: int, limits: Limits, field_name: str = "inputs") -> None:
 
 async def tokenize(model: ServedModel, items: Sequence[TextOrPair | list[int]], truncate: bool,
                    direction: Literal["right", "left"], executor: Executor | None,
-                   timings: Timings) -> tuple[list[TokenizedItem], Usage]:
+                   timings: Timings, max_characters: int | None = None) -> tuple[list[TokenizedItem], Usage]:
     """Tokenize inputs (token-id inputs pass through), enforcing the model's max length."""
     start = time.perf_counter()
     max_length = model.manifest.max_length
@@ -125,9 +128,9 @@ async def tokenize(model: ServedModel, items: Sequence[TextOrPair | list[int]], 
             continue
         length = len(item[0]) + len(item[1]) if isinstance(item, tuple) else len(item)
         characters += length
-        if not truncate and length > max_length * MAX_CHARS_PER_TOKEN:
-            raise ApiError(ErrorKind.VALIDATION,
-                           f"`inputs` must have less than {max_length * MAX_CHARS_PER_TOKEN} characters")
+        limit = max_characters or (None if truncate else max_length * MAX_CHARS_PER_TOKEN)
+        if limit is not None and length > limit:
+            raise ApiError(ErrorKind.VALIDATION, f"`inputs` must have less than {limit} characters")
         texts.append(item)
         positions.append(position)
     if texts:
@@ -183,14 +186,26 @@ class _Ticket:
         self.submitted = False
 
 
+async def _within_deadline(pending: PendingRequest, timeout: float) -> None:
+    """Drop the request if none of its items has started computing when the deadline passes."""
+    await asyncio.sleep(timeout)
+    if pending.first_batch_started is None and not pending.future.done():
+        pending.cancel()
+        pending.future.set_exception(ApiError(ErrorKind.OVERLOADED, f"the request waited more than {timeout:g} s "
+                                              "in the queue and was dropped", retry_after=1))
+
+
 async def run(ticket: _Ticket, items: list[TokenizedItem], tag: str, timings: Timings,
-              wait: WaitHook | None) -> list[Any]:
+              wait: WaitHook | None, queue_timeout: float | None = None) -> list[Any]:
     assert ticket.model.batcher is not None
     ticket.submitted = True
     pending = ticket.model.batcher.submit(items, tag, announced=True)
+    deadline = asyncio.ensure_future(_within_deadline(pending, queue_timeout)) if queue_timeout else None
     try:
         results = await (wait(pending) if wait is not None else pending.future)
     finally:
+        if deadline is not None:
+            deadline.cancel()
         if not pending.future.done():
             pending.cancel()
     timings.queue = pending.queue_seconds * 1000
@@ -205,8 +220,8 @@ async def process(model: ServedModel, inputs: Sequence[TextOrPair | list[int]], 
     timings = Timings()
     with admitted(model, limits) as ticket:
         items, usage = await tokenize(model, inputs, limits.auto_truncate if truncate is None else truncate,
-                                      direction, executor, timings)
-        rows = await run(ticket, items, tag, timings, wait)
+                                      direction, executor, timings, limits.max_input_characters)
+        rows = await run(ticket, items, tag, timings, wait, limits.queue_timeout_seconds)
     return rows, usage, timings
 
 

@@ -7,6 +7,7 @@ the cosine between the query's and each document's embedding.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -102,7 +103,8 @@ async def _rerank_by_embeddings(model: ServedModel, query: str, documents: Seque
     query_prompt = prompts.get("query", "")
     document_prompt = prompts.get("document", prompts.get("passage", ""))
     inputs = [query_prompt + query, *[document_prompt + document for document in documents]]
-    one_more = Limits(limits.max_client_batch_size + 1, limits.auto_truncate, "", None, limits.max_concurrent_requests)
+    one_more = dataclasses.replace(limits, max_client_batch_size=limits.max_client_batch_size + 1, default_prompt="",
+                                   default_prompt_name=None)
     result = await embed(model, inputs, limits=one_more, normalize=True, truncate=truncate, direction=direction,
                          executor=executor, wait=wait)
     scores = result.vectors[1:] @ result.vectors[0]

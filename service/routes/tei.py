@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import orjson
 from fastapi import APIRouter, Request
@@ -72,8 +72,7 @@ async def similarity(body: tei.SimilarityRequest, request: Request) -> Response:
 
 
 def _plus_one(limits: core.Limits) -> core.Limits:
-    return core.Limits(limits.max_client_batch_size + 1, limits.auto_truncate, limits.default_prompt,
-                       limits.default_prompt_name, limits.max_concurrent_requests)
+    return replace(limits, max_client_batch_size=limits.max_client_batch_size + 1)
 
 
 @router.post("/tokenize", responses=ERRORS)

@@ -113,3 +113,55 @@ def test_hostile_but_valid_text(campaign_client: TestClient) -> None:
     many = campaign_client.post("/embed", content=json.dumps({"inputs": ["a"] * 1_000}).encode(),
                                 headers={"content-type": "application/json"})
     assert many.status_code == 422 and "maximum allowed batch size" in many.json()["error"]
+
+
+def test_oversized_batches_split_when_asked(embed_model: ServedModel) -> None:
+    with client_for([embed_model], max_client_batch_size=4, split_oversized_batches=True) as client:
+        texts = [f"text {index}" for index in range(40)]
+        response = client.post("/embed", json={"inputs": texts})
+        assert response.status_code == 200 and len(response.json()) == 40
+        single = client.post("/embed", json={"inputs": texts[7]}).json()[0]
+        assert response.json()[7] == pytest.approx(single, abs=1e-6)
+
+
+def test_character_limit(embed_model: ServedModel) -> None:
+    with client_for([embed_model], max_input_characters=100) as client:
+        refused = client.post("/embed", json={"inputs": ["short", "x" * 101]})
+        assert refused.status_code == 422 and "100 characters" in refused.json()["error"]
+        assert client.post("/embed", json={"inputs": "x" * 100}).status_code == 200
+
+
+def test_queue_deadline_drops_requests_that_waited_too_long(bge_style_bundle: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from service.app import create_app
+    from service.config import Settings
+    from service.core.registry import ModelRegistry
+
+    model = fake_model(bge_style_bundle, "slow", delay_seconds=0.4)
+    app = create_app(Settings(queue_timeout_seconds=0.2, engine_workers=1, max_batch_requests=1),
+                     ModelRegistry([model]))
+
+    async def scenario() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            return await asyncio.gather(*(client.post("/embed", json={"inputs": f"t{i}"}) for i in range(4)))
+
+    responses = asyncio.run(scenario())
+    model.stop()
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses[0] == 200 and 429 in statuses
+    dropped = next(response for response in responses if response.status_code == 429)
+    assert "waited more than" in dropped.json()["error"]
+    computed = sum(model.bundle.engine.batch_sizes)  # type: ignore[attr-defined]
+    assert computed < 4, "dropped requests must not be computed"
+
+
+def test_metrics_include_process_memory_and_phases(client: TestClient) -> None:
+    client.post("/embed", json={"inputs": "a"})
+    text = client.get("/metrics").text
+    assert "process_resident_memory_bytes" in text
+    assert 'embedrank_request_duration_seconds_count{phase="inference",route="/embed"}' in text
+    assert 'embedrank_requests_total{model="tiny-bge",route="/embed",status="200"}' in text

@@ -20,7 +20,7 @@ def test_request_spans_reach_the_collector(bge_style_bundle: Path, tmp_path: Pat
     arrived = threading.Event()
 
     class Collector(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
-        def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        def Export(self, request, context):  # type: ignore[no-untyped-def]
             for resource_spans in request.resource_spans:
                 for scope_spans in resource_spans.scope_spans:
                     received.extend(span.name for span in scope_spans.spans)

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -82,6 +83,27 @@ class BearerAuth:
             error = ApiError(ErrorKind.UNAUTHORIZED, "missing or invalid API key")
             await render_for_path(scope["path"], error)(scope, receive, send)
             return
+        await self.app(scope, receive, send)
+
+
+class EarlyRefusal:
+    """Under overload, answer 429 before reading or parsing the body: when every served model holds
+    all the requests it admits, no inference request can be admitted, so refusing costs almost nothing
+    and the event loop stays free for /health and the requests already admitted."""
+
+    def __init__(self, app: ASGIApp, limit: int, state: Any) -> None:
+        self.app = app
+        self.limit = limit
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            registry = getattr(self.state, "registry", None)
+            if registry is not None and registry.models and \
+                    all(model.in_flight >= self.limit for model in registry.models):
+                error = ApiError(ErrorKind.OVERLOADED, "Model is overloaded", retry_after=1)
+                await render_for_path(scope["path"], error)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -234,6 +256,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.include_router(openai_routes.router)
     app.include_router(rerank_routes.router)
     app.add_middleware(PayloadLimit, limit=settings.payload_limit)  # type: ignore[arg-type]
+    app.add_middleware(EarlyRefusal, limit=settings.max_concurrent_requests, state=app.state)  # type: ignore[arg-type]
     if settings.api_key is not None:
         keys = [key.strip().encode() for key in settings.api_key.get_secret_value().split(",") if key.strip()]
         app.add_middleware(BearerAuth, keys=keys)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ DEFAULT_MODEL ?= all-MiniLM-L6-v2
 PORT ?= 8080
 HOST ?= 127.0.0.1
 
-.PHONY: run test test-docker lint typecheck unit export-default clean
+.PHONY: run test test-docker lint typecheck export-default clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from loadtests.run import _bodies, _free_port, _wait_ready
+from loadtests.run import _bodies, serving
 from loadtests.soak import _rss_mb
 
 HERE = Path(__file__).resolve().parent
@@ -47,59 +46,51 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--output", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model-id", str(args.bundle),
-                               "--port", str(port), "--max-concurrent-requests", "64", "--log-level", "warning"])
     report: dict[str, Any] = {}
-    try:
-        _wait_ready(url, server)
-        with tempfile.TemporaryDirectory() as scratch:
-            bodies = _bodies(Path(scratch), 1)
-            report["capacity"] = wrk(url, HERE / "overload.lua", bodies, 32, 10)
-            health_ms: list[float] = []
-            accepted_ms: list[float] = []
-            rss: list[float] = []
-            statuses: dict[int, int] = {}
-            stop = threading.Event()
+    with serving(args.bundle, "--max-concurrent-requests", "64") as (url, server), \
+            tempfile.TemporaryDirectory() as scratch:
+        bodies = _bodies(Path(scratch), 1)
+        report["capacity"] = wrk(url, HERE / "overload.lua", bodies, 32, 10)
+        health_ms: list[float] = []
+        accepted_ms: list[float] = []
+        rss: list[float] = []
+        statuses: dict[int, int] = {}
+        stop = threading.Event()
 
-            def probe_health() -> None:
-                # A load balancer's prober: one kept-alive connection, a probe every 100 ms.
-                with httpx.Client(base_url=url, timeout=10) as client:
-                    while not stop.is_set():
-                        started = time.perf_counter()
-                        try:
-                            client.get("/health")
-                            health_ms.append((time.perf_counter() - started) * 1000)
-                        except httpx.HTTPError:
-                            health_ms.append(float("inf"))
-                        rss.append(_rss_mb(server.pid))
-                        time.sleep(0.1)
+        def probe_health() -> None:
+            # A load balancer's prober: one kept-alive connection, a probe every 100 ms.
+            with httpx.Client(base_url=url, timeout=10) as client:
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    try:
+                        client.get("/health")
+                        health_ms.append((time.perf_counter() - started) * 1000)
+                    except httpx.HTTPError:
+                        health_ms.append(float("inf"))
+                    rss.append(_rss_mb(server.pid))
+                    time.sleep(0.1)
 
-            def measure_accepted() -> None:
-                with httpx.Client(base_url=url, timeout=30) as client:
-                    while not stop.is_set():
-                        started = time.perf_counter()
-                        try:
-                            response = client.post("/embed", json={"inputs": "a request during the overload"})
-                        except httpx.HTTPError:
-                            statuses[0] = statuses.get(0, 0) + 1
-                            continue
-                        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                        if response.status_code == 200:
-                            accepted_ms.append((time.perf_counter() - started) * 1000)
+        def measure_accepted() -> None:
+            with httpx.Client(base_url=url, timeout=30) as client:
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    try:
+                        response = client.post("/embed", json={"inputs": "a request during the overload"})
+                    except httpx.HTTPError:
+                        statuses[0] = statuses.get(0, 0) + 1
+                        continue
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                    if response.status_code == 200:
+                        accepted_ms.append((time.perf_counter() - started) * 1000)
 
-            threads = [threading.Thread(target=probe_health), threading.Thread(target=measure_accepted)]
-            for thread in threads:
-                thread.start()
-            report["overload"] = wrk(url, HERE / "overload.lua", bodies, 512, args.seconds)
-            stop.set()
-            for thread in threads:
-                thread.join()
-            report["recovery"] = wrk(url, HERE / "overload.lua", bodies, 32, 10)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+        threads = [threading.Thread(target=probe_health), threading.Thread(target=measure_accepted)]
+        for thread in threads:
+            thread.start()
+        report["overload"] = wrk(url, HERE / "overload.lua", bodies, 512, args.seconds)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        report["recovery"] = wrk(url, HERE / "overload.lua", bodies, 32, 10)
     capacity = report["capacity"]["ok"] / report["capacity"]["seconds"]
     overload = report["overload"]
     report["summary"] = {

@@ -12,6 +12,7 @@ Results go to loadtests/results/ as JSON and a Markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,22 +135,29 @@ def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str
                                      "texts": rerank_documents(index)}) + "\n")
     for dtype in dtypes:
         base = rerank_ceiling(bundle, dtype, max(2.0, seconds / 3))
-        port = _free_port()
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model-id", str(bundle),
-                                   "--dtype", dtype, "--port", str(port), "--log-level", "warning"])
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(url, server)
+        with serving(bundle, "--dtype", dtype) as (url, server):
             measured = run_wrk(url, bodies, 8, seconds, server.pid, path="/rerank")
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
         pairs_per_second = measured["requests"] * RERANK_DOCUMENTS / measured["seconds"]
         entry = {"dtype": dtype, "scenario": "rerank 8 clients x (1 query + 20 docs of ~100 tokens)",
                  "texts_per_s": pairs_per_second, **measured, "ceiling": base, "rerank": True,
                  "ratio_to_ceiling": pairs_per_second / base["pairs_per_s"]}
         report["results"].append(entry)
         print(_row(entry), flush=True)
+
+
+@contextlib.contextmanager
+def serving(bundle: Path, *arguments: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `embedrank serve` on 127.0.0.1 for the duration of the block: (base URL, process)."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model-id", str(bundle),
+                               "--port", str(port), "--log-level", "warning", *arguments])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, server)
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def _free_port() -> int:
@@ -207,12 +215,7 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
             run_rerank(reranker, dtypes, seconds, report, Path(scratch))
         for dtype in dtypes if bundle is not None else []:
             base = ceiling(bundle, dtype, max(2.0, seconds / 2))
-            port = _free_port()
-            server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model-id", str(bundle),
-                                       "--dtype", dtype, "--port", str(port), "--log-level", "warning"])
-            url = f"http://127.0.0.1:{port}"
-            try:
-                _wait_ready(url, server)
+            with serving(bundle, "--dtype", dtype) as (url, server):
                 for scenario in SCENARIOS:
                     measured = run_wrk(url, bodies[scenario.texts_per_request], scenario.connections, seconds,
                                        server.pid)
@@ -226,9 +229,6 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
                         entry["ratio_to_ceiling"] = texts_per_second / base["batch32_items_per_s"]
                     report["results"].append(entry)
                     print(_row(entry), flush=True)
-            finally:
-                server.terminate()
-                server.wait(timeout=60)
     output.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (output / f"load-{stamp}.json").write_text(json.dumps(report, indent=2))

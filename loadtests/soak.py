@@ -13,9 +13,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,23 +71,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model-id", str(args.bundle),
-                               "--dtype", args.dtype, "--port", str(port), "--log-level", "warning"])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    from loadtests.run import serving
+
+    with serving(args.bundle, "--dtype", args.dtype) as (url, server):
         result = asyncio.run(soak(url, server.pid, args.seconds, args.concurrency, args.warmup))
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
     summary = {key: value for key, value in result.items() if key != "samples"}

@@ -122,10 +122,6 @@ class DynamicBatcher:
         """Every worker thread is running (they end only when the batcher is stopped)."""
         return all(thread.is_alive() for thread in self._threads)
 
-    @property
-    def busy(self) -> bool:
-        return self._busy > 0 or bool(self._queue)
-
     def announce(self) -> None:
         """A request was admitted and will submit soon (it is being parsed or tokenized)."""
         with self._condition:

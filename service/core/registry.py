@@ -115,6 +115,18 @@ class ModelRegistry:
                            + ", ".join(f"{m.name} ({m.task})" for m in self.models))
         return capable[0]
 
+    def pick(self, name: str | None, preferred_task: str) -> ServedModel:
+        """For routes that work with any model (tokenize, decode, info, POST /): the model named, else the
+        first that does `preferred_task`, else the first model."""
+        if name:
+            for model in self.models:
+                if name == model.name or name in model.aliases:
+                    return model
+            raise ApiError(ErrorKind.NOT_FOUND,
+                           f"model '{name}' is not served here; served models: {', '.join(self.names())}",
+                           param="model")
+        return next((model for model in self.models if model.task == preferred_task), self.models[0])
+
     def stop(self) -> None:
         for model in self.models:
             model.stop()

@@ -40,14 +40,6 @@ class EncodedBatch:
     attention_mask: NDArray[np.int64]
     token_type_ids: NDArray[np.int64]
 
-    @property
-    def padded_tokens(self) -> int:
-        return int(self.input_ids.size)
-
-    @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
 
 class TextTokenizer:
     """Encodes texts and text pairs to ids as the exported model expects them."""
@@ -127,9 +119,6 @@ class TextTokenizer:
     def decode(self, ids: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
         texts: list[str] = self._plain.decode_batch(ids, skip_special_tokens=skip_special_tokens)
         return texts
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(encoding.ids) for encoding in self._plain.encode_batch([self._prepare(t) for t in texts])]
 
     @property
     def vocabulary_size(self) -> int:

@@ -81,17 +81,12 @@ async def tokenize(body: tei.TokenizeRequest, request: Request) -> Response:
 
     `curl localhost:8080/tokenize -H 'Content-Type: application/json' -d '{"inputs": "test"}'`
     """
-    model = deps.registry(request).get(model_name_of(request), "embed") if _has_embedder(request) else \
-        deps.registry(request).models[0]
+    model = deps.registry(request).pick(model_name_of(request), "embed")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     core.check_count(len(texts), deps.limits(request))
     prompt = core.resolve_prompt(model, deps.limits(request), body.prompt_name)
     return deps.json_response([[asdict(token) for token in tokens]
                                for tokens in tokens_core.tokens_of(model, texts, prompt, body.add_special_tokens)])
-
-
-def _has_embedder(request: Request) -> bool:
-    return any(model.task == "embed" for model in deps.registry(request).models)
 
 
 @router.post("/decode", responses=ERRORS)
@@ -100,7 +95,7 @@ async def decode(body: tei.DecodeRequest, request: Request) -> Response:
 
     `curl localhost:8080/decode -H 'Content-Type: application/json' -d '{"ids": [101, 3231, 102]}'`
     """
-    model = deps.registry(request).models[0]
+    model = deps.registry(request).pick(model_name_of(request), "embed")
     ids = body.ids
     batches: list[list[int]] = [ids] if not ids or isinstance(ids[0], int) else ids  # type: ignore[list-item]
     return deps.json_response(tokens_core.decode(model, batches, body.skip_special_tokens))
@@ -112,8 +107,7 @@ async def info(request: Request) -> Response:
 
     `curl localhost:8080/info`
     """
-    model = deps.registry(request).get(model_name_of(request), "embed") if _has_embedder(request) else \
-        deps.registry(request).models[0]
+    model = deps.registry(request).pick(model_name_of(request), "embed")
     settings = request.app.state.settings
     manifest = model.manifest
     if manifest.task == "embed":
@@ -140,11 +134,7 @@ async def root(request: Request) -> Response:
     that post to the base URL, such as huggingface_hub's InferenceClient, work unchanged."""
     from service.routes import rerank as rerank_routes
 
-    named = model_name_of(request)
-    first = deps.registry(request).get(named, "embed") if named and any(
-        m.task == "embed" and named in (m.name, *m.aliases) for m in deps.registry(request).models) else \
-        next((m for m in deps.registry(request).models if named in (m.name, *m.aliases)),
-             deps.registry(request).models[0])
+    first = deps.registry(request).pick(model_name_of(request), deps.registry(request).models[0].task)
     if first.task == "rerank":
         return await rerank_routes.rerank(request)
     try:

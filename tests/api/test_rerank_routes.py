@@ -196,6 +196,8 @@ def test_root_route_dispatches_by_model(reranker: ServedModel, classifier: Serve
         assert isinstance(client.post("/", json={"inputs": "good"}).json()[0], dict)
         ranked = client.post("/", json={"query": QUERY, "texts": DOCUMENTS}, headers={"x-model": "tiny-reranker"})
         assert ranked.status_code == 200 and len(ranked.json()) == len(DOCUMENTS)
+        assert client.post("/tokenize", json={"inputs": "a"}, headers={"x-model": "nope"}).status_code == 404
+        assert client.post("/decode", json={"ids": [5]}, headers={"x-model": "tiny-reranker"}).status_code == 200
 
 
 def test_embedding_model_answers_rerank_with_cosine(client: TestClient, embed_model: ServedModel) -> None:

@@ -26,6 +26,10 @@ from service.core.registry import ModelRegistry, batch_observer
 from service.engines.ort_engine import SessionConfig, default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
 from service.observability import REQUEST_ID, Metrics
+from service.proxy.forward import ROUTES as LLM_ROUTES
+from service.proxy.forward import LlmProxy, ProxySettings
+from service.proxy.upstreams import load_upstreams
+from service.routes import llm as llm_routes
 from service.routes import openai as openai_routes
 from service.routes import rerank as rerank_routes
 from service.routes import tei as tei_routes
@@ -86,6 +90,9 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+_GENERATION_PATHS = tuple("/v1" + route for route in LLM_ROUTES)
+
+
 class EarlyRefusal:
     """Under overload, answer 429 before reading or parsing the body: when every served model holds
     all the requests it admits, no inference request can be admitted, so refusing costs almost nothing
@@ -97,7 +104,7 @@ class EarlyRefusal:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] not in _GENERATION_PATHS:
             registry = getattr(self.state, "registry", None)
             if registry is not None and registry.models and \
                     all(model.in_flight >= self.limit for model in registry.models):
@@ -185,6 +192,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         models = registry
+        if models is None and not settings.model_id and proxy is not None:
+            models = ModelRegistry([])  # a generation-only server
         if models is None:
             models = load_models(
                 settings.model_id, settings.served_model_name, settings.models_dir, settings.device, settings.dtype,
@@ -192,6 +201,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                 settings.max_batch_requests, warmup=settings.warmup)
         start_batchers(models)
         app.state.registry = models
+        if proxy is not None:
+            await proxy.start()
         app.state.ready = True
         logger.info("ready: %s", ", ".join(models.names()))
         try:
@@ -199,6 +210,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
         finally:
             app.state.ready = False
             models.stop()
+            if proxy is not None:
+                await proxy.stop()
             provider = getattr(app.state, "tracer_provider", None)
             if provider is not None:
                 provider.shutdown()  # flushes the spans still batched
@@ -207,6 +220,13 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app = FastAPI(title="embedrank", version=service.__version__, lifespan=lifespan,
                   description="Embeddings and rerank on ONNX Runtime, compatible with TEI, Infinity, OpenAI, "
                   "Cohere and Jina clients.")
+    proxy = None
+    if settings.llm or settings.llm_config:
+        proxy = LlmProxy(load_upstreams(settings.llm, settings.llm_config),
+                         ProxySettings(settings.llm_connect_timeout, settings.llm_read_timeout,
+                                       settings.llm_max_response_bytes, settings.llm_max_concurrent_requests,
+                                       settings.llm_health_check_seconds), metrics)
+    app.state.llm = proxy
     workers = settings.tokenization_workers or default_intra_op_threads()
     app.state.settings = settings
     app.state.metrics = metrics
@@ -255,6 +275,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.include_router(tei_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(rerank_routes.router)
+    app.include_router(llm_routes.router)
     app.add_middleware(PayloadLimit, limit=settings.payload_limit)  # type: ignore[arg-type]
     app.add_middleware(EarlyRefusal, limit=settings.max_concurrent_requests, state=app.state)  # type: ignore[arg-type]
     if settings.api_key is not None:

@@ -33,6 +33,13 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--otlp-service-name", "otlp_service_name", str, "service.name of the spans (default embedrank)"),
     ("--graceful-shutdown-seconds", "graceful_shutdown_seconds", int, "grace period for in-flight requests"),
     ("--cors-allow-origin", "cors_allow_origin", str, "origins allowed from browsers (repeatable or comma-separated)"),
+    ("--llm", "llm", str, "generation upstream NAME=URL (OpenAI base URL); repeatable, same NAME = pool"),
+    ("--llm-config", "llm_config", Path, "upstreams file (TOML or JSON) with keys, aliases and timeouts"),
+    ("--llm-connect-timeout", "llm_connect_timeout", float, "seconds to connect to an upstream (default 5)"),
+    ("--llm-read-timeout", "llm_read_timeout", float, "seconds to wait for an upstream answer or chunk (600)"),
+    ("--llm-max-response-bytes", "llm_max_response_bytes", int, "largest upstream response passed on"),
+    ("--llm-max-concurrent-requests", "llm_max_concurrent_requests", int, "generation requests at once (1024)"),
+    ("--llm-health-check-seconds", "llm_health_check_seconds", float, "probe interval for failed upstreams"),
 ]
 _BOOL_FLAGS = [
     ("--auto-truncate", "auto_truncate", "truncate over-long inputs unless a request says otherwise (default true)"),
@@ -54,7 +61,7 @@ def _bool(value: str) -> bool:
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, field, kind, help_text in _SERVE_FLAGS:
-        repeatable = field in ("model_id", "served_model_name", "cors_allow_origin")
+        repeatable = field in ("model_id", "served_model_name", "cors_allow_origin", "llm")
         parser.add_argument(flag, dest=field, type=kind, help=help_text, default=argparse.SUPPRESS,
                             action="append" if repeatable else "store")
     parser.add_argument("-p", dest="port", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -69,7 +76,7 @@ def serve(args: argparse.Namespace) -> int:
     from service.config import Settings
 
     given = {key: value for key, value in vars(args).items() if key != "command"}
-    for key in ("model_id", "served_model_name", "cors_allow_origin"):
+    for key in ("model_id", "served_model_name", "cors_allow_origin", "llm"):
         if key in given:
             given[key] = [part for value in given[key] for part in value.split(",") if part]
     try:

@@ -87,11 +87,33 @@ class Settings(BaseSettings):
         None, description="Send a trace span per request to this OpenTelemetry collector (OTLP over gRPC, e.g. "
         "localhost:4317). Needs the otel extra.")
     otlp_service_name: str = Field("embedrank", description="service.name of the exported spans.")
+    llm: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Generation upstreams as NAME=URL (an OpenAI base URL such as http://127.0.0.1:8000/v1), "
+        "repeatable; several URLs under one NAME form a pool. Requests to /v1/chat/completions and "
+        "/v1/completions with `model: NAME` are forwarded there. Comma-separated in LLM.")
+    llm_config: Path | None = Field(
+        None, description="Upstreams file (TOML or JSON): per upstream `name`, `urls`, the `model` name sent "
+        "upstream, `aliases`, `api_key_env` (environment variable holding its key) and timeouts.")
+    llm_connect_timeout: float = Field(
+        5.0, gt=0, description="Seconds to open a connection to an upstream; a failed connection is retried on "
+        "another pool member and takes that member out until a health check brings it back.")
+    llm_read_timeout: float = Field(
+        600.0, gt=0, description="Seconds to wait for an upstream's answer (non-streaming: the whole generation) "
+        "or, when streaming, between two chunks; beyond it the client gets 504 (or an error event mid-stream).")
+    llm_max_response_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest upstream response or stream passed on; larger ones are "
+        "cut off with an error.")
+    llm_max_concurrent_requests: int = Field(
+        1024, ge=1, description="Generation requests forwarded at once (streams included); beyond it 429.")
+    llm_health_check_seconds: float = Field(
+        5.0, gt=0, description="How often pool members that are out are probed (GET {url}/models) to bring "
+        "them back.")
     json_output: bool = Field(False, description="Log JSON lines instead of text.")
     log_level: str = Field("info", description="Logging level: debug, info, warning, error.")
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready.")
 
-    @field_validator("model_id", "served_model_name", "cors_allow_origin", mode="before")
+    @field_validator("model_id", "served_model_name", "cors_allow_origin", "llm", mode="before")
     @classmethod
     def _split_lists(cls, value: object) -> object:
         return _split(value)

@@ -25,6 +25,8 @@ class ErrorKind(Enum):
     UNSUPPORTED_MEDIA_TYPE = "UnsupportedMediaType"
     WRONG_TASK = "WrongTask"
     CANCELLED = "Cancelled"
+    BAD_GATEWAY = "BadGateway"
+    GATEWAY_TIMEOUT = "GatewayTimeout"
 
 
 STATUS: dict[ErrorKind, int] = {
@@ -39,7 +41,9 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.WRONG_TASK: 424,
     ErrorKind.OVERLOADED: 429,
     ErrorKind.CANCELLED: 499,
+    ErrorKind.BAD_GATEWAY: 502,
     ErrorKind.UNHEALTHY: 503,
+    ErrorKind.GATEWAY_TIMEOUT: 504,
 }
 
 # OpenAI's `type` field for each kind.
@@ -56,6 +60,8 @@ OPENAI_TYPE: dict[ErrorKind, str] = {
     ErrorKind.BACKEND: "server_error",
     ErrorKind.UNHEALTHY: "server_error",
     ErrorKind.CANCELLED: "server_error",
+    ErrorKind.BAD_GATEWAY: "server_error",
+    ErrorKind.GATEWAY_TIMEOUT: "timeout_error",
 }
 
 

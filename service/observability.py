@@ -15,6 +15,7 @@ from service.batching.batcher import BatchStats
 
 _BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKENS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
+_LLM_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -41,6 +42,21 @@ class Metrics:
         self.padding = Counter("embedrank_padding_tokens_total", "Padding tokens computed", ["model"],
                                registry=self.registry)
         self.errors = Counter("embedrank_errors_total", "Errors by kind", ["kind"], registry=self.registry)
+        # generation proxy, per upstream (served name) and, where it matters, per pool member URL
+        self.llm_requests = Counter("embedrank_llm_requests_total", "Requests forwarded, by upstream, member "
+                                    "URL and upstream status (499: client left)", ["upstream", "url", "status"],
+                                    registry=self.registry)
+        self.llm_errors = Counter("embedrank_llm_errors_total", "Upstream failures by kind (connect, timeout, "
+                                  "protocol, upstream)", ["upstream", "kind"], registry=self.registry)
+        self.llm_seconds = Histogram("embedrank_llm_request_duration_seconds", "Forwarded request time, to the "
+                                     "last byte", ["upstream"], buckets=_LLM_SECONDS, registry=self.registry)
+        self.llm_first_token = Histogram("embedrank_llm_time_to_first_token_seconds", "Time to the first "
+                                         "streamed bytes from the upstream", ["upstream"], buckets=_LLM_SECONDS,
+                                         registry=self.registry)
+        self.llm_tokens = Counter("embedrank_llm_tokens_total", "Tokens reported in upstream `usage`",
+                                  ["upstream", "kind"], registry=self.registry)
+        self.llm_up = Gauge("embedrank_llm_upstream_up", "1 while a pool member takes requests, 0 while it is "
+                            "out after connection errors", ["upstream", "url"], registry=self.registry)
 
     def observe_batch(self, model: str, stats: BatchStats) -> None:
         self.batch_size.labels(model).observe(stats.size)

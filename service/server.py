@@ -18,12 +18,15 @@ def run_server(settings: Settings) -> int:
 
     from service.app import create_app
     from service.core.loading import load_models
+    from service.core.registry import ModelRegistry
     from service.engines.ort_engine import SessionConfig
     from service.observability import configure_logging
+    from service.proxy.upstreams import UpstreamConfigError
 
     configure_logging(settings.log_level, settings.json_output)
+    generation_only = not settings.model_id and bool(settings.llm or settings.llm_config)
     try:
-        registry = load_models(
+        registry = ModelRegistry([]) if generation_only else load_models(
             settings.model_id, settings.served_model_name, settings.models_dir, settings.device, settings.dtype,
             SessionConfig(intra_op_threads=settings.intra_op_threads or 0), settings.max_batch_tokens,
             settings.max_batch_requests, warmup=settings.warmup)
@@ -32,7 +35,7 @@ def run_server(settings: Settings) -> int:
         return 1
     try:
         app = create_app(settings, registry)
-    except RuntimeError as error:
+    except (RuntimeError, UpstreamConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         registry.stop()
         return 1

@@ -35,7 +35,7 @@ async def embeddings(body: openai.EmbeddingsRequest, request: Request) -> Respon
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
-    """Every served model with its capabilities.
+    """Every served model with its capabilities: local embedding/rerank models and proxied LLMs.
 
     `curl localhost:8080/v1/models`
     """
@@ -44,4 +44,9 @@ async def models(request: Request) -> Response:
              "capabilities": model.capabilities, "task": model.task, "dtype": model.variant, "device": model.device,
              "dimensions": model.manifest.dimensions, "max_input_length": model.manifest.max_length,
              "aliases": model.aliases} for model in deps.registry(request).models]
+    proxy = request.app.state.llm
+    if proxy is not None:
+        data += [{"id": spec.name, "object": "model", "created": created, "owned_by": "upstream",
+                  "capabilities": ["chat", "completions"], "task": "generate", "aliases": spec.aliases,
+                  "upstream_model": spec.model, "pool_size": len(spec.urls)} for spec in proxy.specs.values()]
     return deps.json_response(openai.models_response(data))

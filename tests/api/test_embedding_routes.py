@@ -192,3 +192,15 @@ def test_api_key(embed_model: ServedModel) -> None:
             assert ok.status_code == 200
         assert client.get("/health").status_code == 200
         assert client.get("/metrics").status_code == 200
+
+
+def test_generation_models_are_listed_beside_local_ones(embed_model: ServedModel) -> None:
+    with client_for([embed_model], llm=["chat=http://127.0.0.1:9/v1"]) as client:
+        listed = {model["id"]: model for model in client.get("/v1/models").json()["data"]}
+        assert listed["chat"]["capabilities"] == ["chat", "completions"] and "embed" in listed["tiny-bge"]["capabilities"]
+        # an embedding model is not a generation model, whatever route is asked
+        refused = client.post("/v1/chat/completions", json={"model": "tiny-bge", "messages": []})
+        assert refused.status_code == 404 and "chat" in refused.json()["error"]["message"]
+    with client_for([embed_model]) as client:
+        none = client.post("/v1/completions", json={"model": "x", "prompt": "a"})
+        assert none.status_code == 404 and "--llm" in none.json()["error"]["message"]

@@ -1,0 +1,1 @@
+"""LLM generation proxy: OpenAI-compatible upstream pools, streaming pass-through."""

@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtests.run import _cpu_name  # noqa: E402
 from tests.helpers.server import running_server  # noqa: E402
 from tests.helpers.upstreams import llama_cpp_upstream, stub_upstream  # noqa: E402
 
@@ -119,7 +119,7 @@ async def concurrent_streams(base: str, streams: int, chunks: int, interval: flo
 
 def run(streams: int, samples: int, llama_python: Path | None, output: Path) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
-    report: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
+    report: dict[str, Any] = {"machine": {"cpu": _cpu_name(),
                                           "cores": os.cpu_count(), "python": platform.python_version()}}
     with stub_upstream(scratch) as stub, \
             running_server(["--llm", f"stub={stub.url}", "--log-requests", "false"], scratch) as server:
@@ -158,8 +158,9 @@ def markdown(report: dict[str, Any]) -> str:
         for path in ("direct", "proxied"):
             entry = report[key][path]
             delay = entry.get("chunk_delay", {})
-            lines.append(f"| {label} | {path} | {entry['ttft']['p50_ms']} ms | {entry['ttft']['p90_ms']} ms | "
-                         f"{entry['ttft']['p99_ms']} ms | {delay.get('p50_ms', '-')} ms | {delay.get('p99_ms', '-')} ms |")
+            ttft = entry["ttft"]
+            lines.append(f"| {label} | {path} | {ttft['p50_ms']} ms | {ttft['p90_ms']} ms | {ttft['p99_ms']} ms | "
+                         f"{delay.get('p50_ms', '-')} ms | {delay.get('p99_ms', '-')} ms |")
         lines.append(f"| {label} | **added** | **{report[key]['added_ttft_p50_ms']} ms** | | | "
                      f"{report[key].get('added_chunk_delay_p50_ms', '-')} ms | |")
     concurrent = report["concurrent"]

@@ -197,7 +197,8 @@ def test_api_key(embed_model: ServedModel) -> None:
 def test_generation_models_are_listed_beside_local_ones(embed_model: ServedModel) -> None:
     with client_for([embed_model], llm=["chat=http://127.0.0.1:9/v1"]) as client:
         listed = {model["id"]: model for model in client.get("/v1/models").json()["data"]}
-        assert listed["chat"]["capabilities"] == ["chat", "completions"] and "embed" in listed["tiny-bge"]["capabilities"]
+        assert listed["chat"]["capabilities"] == ["chat", "completions"]
+        assert "embed" in listed["tiny-bge"]["capabilities"]
         # an embedding model is not a generation model, whatever route is asked
         refused = client.post("/v1/chat/completions", json={"model": "tiny-bge", "messages": []})
         assert refused.status_code == 404 and "chat" in refused.json()["error"]["message"]

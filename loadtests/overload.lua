@@ -8,6 +8,12 @@ for line in io.lines(os.getenv("BODIES_FILE")) do
 end
 local counter = 0
 c200, c429, cother = 0, 0, 0
+-- DELAY_MS: pause each connection this long before its next request, which sets the offered rate
+-- (connections x 1000 / DELAY_MS per second while answers are fast); unset: as fast as answered.
+local pause = tonumber(os.getenv("DELAY_MS") or "")
+if pause then
+  delay = function() return pause end
+end
 
 request = function()
   counter = counter + 1

@@ -28,6 +28,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--tokenization-workers", "tokenization_workers", int, "threads tokenizing large requests"),
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per forward pass"),
     ("--engine-workers", "engine_workers", int, "forward passes run at once per model (default 2)"),
+    ("--inference-nice", "inference_nice", int, "nice value of inference threads (event loop first)"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
     ("--otlp-endpoint", "otlp_endpoint", str, "OpenTelemetry collector for request spans (OTLP gRPC)"),
     ("--otlp-service-name", "otlp_service_name", str, "service.name of the spans (default embedrank)"),

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
         None, ge=1, description="Forward passes run at once per model (default: 2 on machines with 2 or more "
         "cores). Two overlapping batches keep a small CPU busy while the event loop works; 1 gives the lowest "
         "latency for a lone request on an idle server.")
+    inference_nice: int = Field(
+        5, ge=0, le=19, description="Nice value of the inference threads (Linux). Above 0 the event loop gets "
+        "the CPU first whenever it has work (new requests, /health, refusing a flood) and inference uses what "
+        "is left, which keeps /health fast under overload on small machines; 0 treats them alike.")
     cors_allow_origin: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed to call from browsers (comma-separated; * for any). "
         "Empty: no CORS headers, so browsers on other origins cannot call the server.")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.batching.policy import select_batch
+from service.engines.priority import lower_thread_priority
 from service.engines.tokenizer import TokenizedItem
 from service.errors import ApiError, ErrorKind
 
@@ -95,8 +96,9 @@ class DynamicBatcher:
 
     def __init__(self, name: str, run_batch: BatchRunner, max_batch_tokens: int, max_batch_requests: int | None,
                  on_batch: Callable[[BatchStats], None] | None = None, max_wait_seconds: float = 0.01,
-                 workers: int = 1, overlap_tokens: int = 2048) -> None:
+                 workers: int = 1, overlap_tokens: int = 2048, nice: int = 0) -> None:
         self.name = name
+        self.nice = nice
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests
@@ -217,6 +219,7 @@ class DynamicBatcher:
             self._condition.wait(remaining)
 
     def _work(self) -> None:
+        lower_thread_priority(self.nice)
         while True:
             batch = self._next_batch()
             if batch is None:

@@ -68,9 +68,9 @@ class ServedModel:
         return results
 
     def start(self, max_batch_tokens: int, max_batch_requests: int | None, on_batch: Any = None,
-              workers: int = 1) -> None:
+              workers: int = 1, nice: int = 0) -> None:
         self.batcher = DynamicBatcher(self.name, self.run_batch, max_batch_tokens, max_batch_requests, on_batch,
-                                      workers=workers)
+                                      workers=workers, nice=nice)
 
     def stop(self) -> None:
         if self.batcher is not None:

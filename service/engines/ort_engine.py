@@ -10,6 +10,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from service.engines.priority import with_nice
 from service.engines.tokenizer import EncodedBatch
 
 Device = Literal["cpu", "cuda"]
@@ -43,6 +44,7 @@ class SessionConfig:
 
     intra_op_threads: int = 0
     inter_op_threads: int = 1
+    nice: int = 0
     allow_spinning: bool = False
     memory_pattern: bool = False
     cpu_arena: bool = True
@@ -116,7 +118,8 @@ class OrtEngine:
         else:
             providers = [("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
         try:
-            self._session = ort.InferenceSession(str(model_path), options, providers=providers)
+            self._session = with_nice(config.nice, lambda: ort.InferenceSession(str(model_path), options,
+                                                                                providers=providers))
         except Exception as error:  # onnxruntime raises its own exception types
             raise EngineError(f"cannot load {model_path}: {error}") from error
         if device == "cuda" and "CUDAExecutionProvider" not in self._session.get_providers():

@@ -97,6 +97,11 @@ def warm_up(model: ServedModel, max_batch_tokens: int, max_batch_requests: int |
     for count, length in shapes:
         items = [TokenizedItem(ids=[token_id] * length, type_ids=[0] * length, truncated=False)] * count
         model.run_batch(items, [tags] * count)
+    # The widest warm-up batch grew the arena; give that back so an idle server stays small (traffic
+    # with big batches grows it again, up to what --max-batch-tokens allows).
+    release = getattr(model.bundle.engine, "release_memory", None)
+    if release is not None:
+        release()
 
 
 def load_models(model_ids: list[str], served_names: list[str], models_dir: Path, device: str, dtype: str,

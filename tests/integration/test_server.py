@@ -170,3 +170,19 @@ def test_sigterm_finishes_accepted_requests_then_exits_0(bge_style_bundle: Path,
         assert statuses == [200] * 60
         assert live.process.wait(timeout=60) == 0
         assert "shutting down" in live.output()
+
+
+def test_idle_memory_and_thread_priorities(minilm_bundle: Path, tmp_path: Path) -> None:
+    with running_server(["--model-id", str(minilm_bundle)], tmp_path) as running:
+        pid = running.process.pid
+        # the warm-up's widest batch is handed back to the system before the server reports ready
+        rss_mb = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if line.startswith("VmRSS")).split()[1]) / 1024
+        assert rss_mb < 350, rss_mb
+        nice = {}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            name = (task / "comm").read_text().strip()
+            nice[task.name] = (name, int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+        assert nice[str(pid)][1] == 0  # the event loop
+        lowered = [entry for entry in nice.values() if entry[1] == 5]
+        assert len(lowered) >= 2, nice  # the batch workers and ONNX Runtime's pool threads

@@ -70,16 +70,15 @@ class PayloadLimit:
 
 
 class BearerAuth:
-    """With an API key set, every route but the public ones needs `Authorization: Bearer KEY`."""
+    """With API keys set, every path but the public ones needs `Authorization: Bearer KEY`."""
 
-    PUBLIC = ("/health", "/metrics", "/docs", "/openapi.json")
-
-    def __init__(self, app: ASGIApp, keys: list[bytes]) -> None:
+    def __init__(self, app: ASGIApp, keys: list[bytes], public: list[str]) -> None:
         self.app = app
         self.expected = [b"Bearer " + key for key in keys]
+        self.public = frozenset(public)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.PUBLIC:
+        if scope["type"] != "http" or scope["path"] in self.public:
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope.get("headers", []) if name == b"authorization"), b"")
@@ -291,9 +290,10 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.include_router(llm_routes.router)
     app.add_middleware(PayloadLimit, limit=settings.payload_limit)  # type: ignore[arg-type]
     app.add_middleware(EarlyRefusal, limit=settings.max_concurrent_requests, state=app.state)  # type: ignore[arg-type]
-    if settings.api_key is not None:
-        keys = [key.strip().encode() for key in settings.api_key.get_secret_value().split(",") if key.strip()]
-        app.add_middleware(BearerAuth, keys=keys)  # type: ignore[arg-type]
+    keys = settings.api_keys()
+    if keys:
+        app.add_middleware(BearerAuth, keys=[key.encode() for key in keys],  # type: ignore[arg-type]
+                           public=settings.public_paths)
     if settings.cors_allow_origin:
         from starlette.middleware.cors import CORSMiddleware
 

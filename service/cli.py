@@ -23,6 +23,8 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--queue-timeout-seconds", "queue_timeout_seconds", float, "drop requests not started within this time"),
     ("--payload-limit", "payload_limit", int, "largest request body in bytes (default 2000000)"),
     ("--api-key", "api_key", str, "require Authorization: Bearer KEY"),
+    ("--api-key-file", "api_key_file", Path, "file of API keys, one per line"),
+    ("--public-paths", "public_paths", str, "paths open without a key (default /health,/ready,/metrics,...)"),
     ("--default-prompt-name", "default_prompt_name", str, "prompt of the model prepended to every input"),
     ("--default-prompt", "default_prompt", str, "literal prompt prepended to every input"),
     ("--tokenization-workers", "tokenization_workers", int, "threads tokenizing large requests"),

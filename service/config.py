@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="If set, requests must send `Authorization: Bearer KEY` (several keys: comma-separated). "
         "/health and /metrics stay public.")
+    api_key_file: Path | None = Field(
+        None, description="File with API keys, one per line (blank lines and # comments ignored); combined "
+        "with --api-key. Rotate keys by editing the file and restarting.")
+    public_paths: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/health", "/ready", "/metrics", "/docs", "/openapi.json"],
+        description="Paths answered without a key when keys are set (comma-separated). Empty it to protect "
+        "everything, probes and metrics included.")
     default_prompt_name: str | None = Field(
         None, description="Prompt (from the bundle's prompts) prepended to every input unless a request names "
         "another.")
@@ -117,7 +124,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Logging level: debug, info, warning, error.")
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready.")
 
-    @field_validator("model_id", "served_model_name", "cors_allow_origin", "llm", mode="before")
+    @field_validator("model_id", "served_model_name", "cors_allow_origin", "llm", "public_paths", mode="before")
     @classmethod
     def _split_lists(cls, value: object) -> object:
         return _split(value)
@@ -129,10 +136,24 @@ class Settings(BaseSettings):
             raise ValueError("log_level must be debug, info, warning, error or critical")
         return value.lower()
 
+    def api_keys(self) -> list[str]:
+        """Every accepted key: --api-key (comma-separated) and the lines of --api-key-file."""
+        keys = [key.strip() for key in (self.api_key.get_secret_value() if self.api_key else "").split(",")]
+        if self.api_key_file is not None:
+            lines = self.api_key_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return [key for key in keys if key]
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.served_model_name and len(self.served_model_name) != len(self.model_id):
             raise ValueError("give one --served-model-name per --model-id")
+        if self.api_key_file is not None:
+            try:
+                if not self.api_keys():
+                    raise ValueError(f"--api-key-file {self.api_key_file} holds no key")
+            except OSError as error:
+                raise ValueError(f"cannot read --api-key-file {self.api_key_file}: {error.strerror}") from None
         if self.default_prompt and self.default_prompt_name:
             raise ValueError("--default-prompt and --default-prompt-name are mutually exclusive")
         return self

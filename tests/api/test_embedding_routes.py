@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from service.config import Settings
 from service.core.registry import ServedModel
 from tests.api.conftest import client_for, fake_model
 
@@ -205,3 +206,22 @@ def test_generation_models_are_listed_beside_local_ones(embed_model: ServedModel
     with client_for([embed_model]) as client:
         none = client.post("/v1/completions", json={"model": "x", "prompt": "a"})
         assert none.status_code == 404 and "--llm" in none.json()["error"]["message"]
+
+
+def test_api_key_file_and_public_paths(embed_model: ServedModel, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nfrom-file\n\n  second  \n")
+    with client_for([embed_model], api_key_file=keys, api_key="flag-key") as client:
+        for key, status in (("from-file", 200), ("second", 200), ("flag-key", 200), ("# team keys", 401)):
+            response = client.post("/embed", json={"inputs": "a"}, headers={"Authorization": f"Bearer {key}"})
+            assert response.status_code == status, key
+        assert client.get("/ready").status_code == 200  # probes stay open by default
+    with client_for([embed_model], api_key_file=keys, public_paths="") as client:
+        for path in ("/health", "/ready", "/metrics"):
+            assert client.get(path).status_code == 401
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        Settings(api_key_file=empty)
+    with pytest.raises(ValueError, match="cannot read"):
+        Settings(api_key_file=tmp_path / "missing")

@@ -24,6 +24,7 @@ from service.config import Settings
 from service.core.embed import Limits
 from service.core.loading import load_models
 from service.core.registry import ModelRegistry, batch_observer
+from service.deps import ITEMS_HEADER
 from service.engines.ort_engine import SessionConfig, default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
 from service.observability import REQUEST_ID, Metrics
@@ -114,11 +115,15 @@ class EarlyRefusal:
         await self.app(scope, receive, send)
 
 
+_ITEMS = ITEMS_HEADER.encode()
+
+
 class RequestObserver:
     """Per request: an id (X-Request-ID accepted or made, echoed, on every log line), metrics by route
     template, model and status, and one access-log line. Pure ASGI, so bodies are never buffered."""
 
-    _ECHOED = (b"x-model", b"x-compute-tokens", b"x-queue-time", b"x-inference-time", b"x-tokenization-time")
+    _ECHOED = (b"x-model", b"x-compute-tokens", b"x-queue-time", b"x-inference-time", b"x-tokenization-time",
+               b"x-embedrank-items")
 
     def __init__(self, app: ASGIApp, metrics: Metrics, log_requests: bool) -> None:
         self.app = app
@@ -140,10 +145,12 @@ class RequestObserver:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = list(message.get("headers", []))
-                for name, value in headers:
+                headers = []
+                for name, value in message.get("headers", []):
                     if name in self._ECHOED:
                         facts[name.decode()] = value.decode("latin-1")
+                    if name != _ITEMS:
+                        headers.append((name, value))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
@@ -162,11 +169,13 @@ class RequestObserver:
                     self.metrics.request_seconds.labels(route, phase).observe(float(value) / 1000)
             if self.log_requests:
                 fields = {"method": scope["method"], "route": route, "status": status, "model": model or None,
+                          "items": int(facts.get("x-embedrank-items", 0)),
                           "tokens": int(facts.get("x-compute-tokens", 0)), "total_ms": round(elapsed * 1000, 3),
                           "queue_ms": float(facts.get("x-queue-time", 0)),
                           "inference_ms": float(facts.get("x-inference-time", 0))}
-                access_logger.info("%s %s %s %.1fms model=%s tokens=%s", scope["method"], scope["path"], status,
-                                   elapsed * 1000, model or "-", fields["tokens"], extra={"fields": fields})
+                access_logger.info("%s %s %s %.1fms model=%s items=%s tokens=%s", scope["method"], scope["path"],
+                                   status, elapsed * 1000, model or "-", fields["items"], fields["tokens"],
+                                   extra={"fields": fields})
             REQUEST_ID.reset(token)
 
 

@@ -16,6 +16,7 @@ from service.core.registry import ModelRegistry, ServedModel
 from service.errors import ApiError, ErrorKind
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+ITEMS_HEADER = "x-embedrank-items"
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -86,6 +87,7 @@ def json_response(body: Any, timings: Timings | None = None, usage: Usage | None
             "x-inference-time": f"{timings.inference:.3f}",
         }
     if usage is not None:
+        headers[ITEMS_HEADER] = str(usage.items)  # for the access log; removed before the response leaves
         headers["x-compute-characters"] = str(usage.characters)
         headers["x-compute-tokens"] = str(usage.tokens)
         if usage.truncated:

@@ -32,12 +32,14 @@ def test_ready_and_health(client: TestClient) -> None:
 
 def test_access_log_line_has_id_and_no_input_text(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="embedrank.access"):
-        client.post("/embed", json={"inputs": "a very secret sentence"}, headers={"X-Request-ID": "abc"})
+        response = client.post("/embed", json={"inputs": ["a very secret sentence", "b"]},
+                               headers={"X-Request-ID": "abc"})
+    assert "x-embedrank-items" not in response.headers  # internal: read by the access log, never sent
     records = [r for r in caplog.records if r.name == "embedrank.access"]
     assert records, "one access line per request"
     fields = records[-1].fields  # type: ignore[attr-defined]
     assert fields["status"] == 200 and fields["route"] == "/embed" and fields["model"] == "tiny-bge"
-    assert fields["tokens"] > 0
+    assert fields["tokens"] > 0 and fields["items"] == 2
     assert all("secret" not in record.getMessage() for record in caplog.records)
 
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import socket
@@ -45,14 +46,21 @@ class Scenario:
     name: str
     connections: int
     texts_per_request: int
-    ceiling_batch: int
+    ceiling: str  # "batch1": latency target; "batch32": short-text throughput; "long": long-text throughput
+    kind: str = "short"  # short texts (~12 tokens), long (~256 tokens), or mixed (5-250 words)
+    sweep: bool = False  # part of the concurrency sweep that the plot draws
 
 
 SCENARIOS = [
-    Scenario("1 client x 1 text", 1, 1, 1),
-    Scenario("32 clients x 1 text", 32, 1, 32),
-    Scenario("8 clients x 32 texts", 8, 32, 32),
+    Scenario("1 client x 1 text", 1, 1, "batch1", sweep=True),
+    Scenario("8 clients x 1 text", 8, 1, "batch32", sweep=True),
+    Scenario("32 clients x 1 text", 32, 1, "batch32", sweep=True),
+    Scenario("128 clients x 1 text", 128, 1, "batch32", sweep=True),
+    Scenario("8 clients x 32 texts", 8, 32, "batch32"),
+    Scenario("8 clients x 1 long text (~256 tokens)", 8, 1, "long", kind="long"),
+    Scenario("32 clients x 1 text of 5-250 words", 32, 1, "mixed", kind="mixed"),
 ]
+LONG_WORDS = 240  # about 256 tokens for MiniLM's vocabulary
 
 
 def throughput(forward: Callable[[Any], Any], batch: Any, size: int, workers: int, seconds: float) -> float:
@@ -99,6 +107,12 @@ def ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
     for workers in (1, 2):
         result[f"batch32_items_per_s_{workers}_pass"] = throughput(model.forward_pooled, full, 32, workers, seconds)
     result["batch32_items_per_s"] = max(result["batch32_items_per_s_1_pass"], result["batch32_items_per_s_2_pass"])
+    long = model.tokenizer.pad(model.tokenizer.encode([long_text(LONG_WORDS, seed=index) for index in range(8)]))
+    model.forward_pooled(long)
+    for workers in (1, 2):
+        result[f"long8_items_per_s_{workers}_pass"] = throughput(model.forward_pooled, long, 8, workers, seconds)
+    result["long_items_per_s"] = max(result["long8_items_per_s_1_pass"], result["long8_items_per_s_2_pass"])
+    result["long_tokens_per_text"] = float(long.input_ids.shape[1])
     return result
 
 
@@ -171,14 +185,33 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _bodies(directory: Path, texts_per_request: int) -> Path:
-    path = directory / f"bodies-{texts_per_request}.jsonl"
+def _bodies(directory: Path, texts_per_request: int, kind: str = "short") -> Path:
+    path = directory / f"bodies-{kind}-{texts_per_request}.jsonl"
+    randomness = random.Random(texts_per_request)
     with path.open("w") as handle:
         for index in range(2000):
-            texts = [f"{SHORT_TEXTS[(index + offset) % len(SHORT_TEXTS)]} {index}-{offset}"
-                     for offset in range(texts_per_request)]
+            if kind == "long":
+                texts = [long_text(LONG_WORDS, seed=index * texts_per_request + offset)
+                         for offset in range(texts_per_request)]
+            elif kind == "mixed":
+                texts = [long_text(randomness.randint(5, 250), seed=index * texts_per_request + offset)
+                         for offset in range(texts_per_request)]
+            else:
+                texts = [f"{SHORT_TEXTS[(index + offset) % len(SHORT_TEXTS)]} {index}-{offset}"
+                         for offset in range(texts_per_request)]
             handle.write(json.dumps({"inputs": texts[0] if texts_per_request == 1 else texts}) + "\n")
     return path
+
+
+def _token_counters(url: str) -> tuple[float, float]:
+    """(real tokens, padding tokens) computed so far, from the server's /metrics."""
+    real = padding = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("embedrank_tokens_total{"):
+            real += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("embedrank_padding_tokens_total{"):
+            padding += float(line.rsplit(" ", 1)[1])
+    return real, padding
 
 
 def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid: int,
@@ -210,31 +243,101 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
         "bundle": str(bundle), "reranker": str(reranker), "seconds_per_scenario": seconds, "results": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
-        bodies = {count: _bodies(Path(scratch), count) for count in {s.texts_per_request for s in SCENARIOS}}
+        bodies = {(scenario.kind, scenario.texts_per_request):
+                  _bodies(Path(scratch), scenario.texts_per_request, scenario.kind) for scenario in SCENARIOS}
         if reranker is not None:
             run_rerank(reranker, dtypes, seconds, report, Path(scratch))
         for dtype in dtypes if bundle is not None else []:
             base = ceiling(bundle, dtype, max(2.0, seconds / 2))
             with serving(bundle, "--dtype", dtype) as (url, server):
                 for scenario in SCENARIOS:
-                    measured = run_wrk(url, bodies[scenario.texts_per_request], scenario.connections, seconds,
-                                       server.pid)
+                    tokens_before = _token_counters(url)
+                    measured = run_wrk(url, bodies[(scenario.kind, scenario.texts_per_request)],
+                                       scenario.connections, seconds, server.pid)
+                    real, padding = (after - before for after, before in zip(_token_counters(url), tokens_before,
+                                                                                strict=True))
                     texts_per_second = measured["requests"] * scenario.texts_per_request / measured["seconds"]
-                    entry = {"dtype": dtype, "scenario": scenario.name, "texts_per_s": texts_per_second,
-                             **measured, "ceiling": base}
-                    if scenario.ceiling_batch == 1:
+                    entry = {"dtype": dtype, "scenario": scenario.name, "connections": scenario.connections,
+                             "sweep": scenario.sweep, "texts_per_s": texts_per_second, **measured, "ceiling": base,
+                             "padding_waste": padding / (real + padding) if real + padding else 0.0,
+                             "tokens_per_text": real / max(1, measured["requests"] * scenario.texts_per_request)}
+                    if scenario.ceiling == "batch1":
                         entry["target"] = "p50 <= ceiling batch-1 + 1.5 ms"
                         entry["p50_minus_ceiling_ms"] = measured["p50_ms"] - base["batch1_p50_ms"]
-                    else:
+                    elif scenario.ceiling == "batch32":
                         entry["ratio_to_ceiling"] = texts_per_second / base["batch32_items_per_s"]
+                    elif scenario.ceiling == "long":
+                        entry["ratio_to_ceiling"] = texts_per_second / base["long_items_per_s"]
+                        entry["long"] = True
                     report["results"].append(entry)
                     print(_row(entry), flush=True)
+            if reranker is not None:
+                run_mixed(bundle, reranker, dtype, seconds, report, bodies[("short", 1)], Path(scratch))
     output.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (output / f"load-{stamp}.json").write_text(json.dumps(report, indent=2))
     (output / f"load-{stamp}.md").write_text(markdown(report))
+    if any(entry.get("sweep") for entry in report["results"]):
+        plot(report, output / f"load-{stamp}.png")
+        print(f"plot: {output / f'load-{stamp}.png'}")
     print(markdown(report))
     return report
+
+
+def run_mixed(bundle: Path, reranker: Path, dtype: str, seconds: float, report: dict[str, Any], embed_bodies: Path,
+              scratch: Path) -> None:
+    """Embed and rerank at once on one server holding both models: 16 embed clients x 1 text and 4
+    rerank clients x 20 documents, each reported against its own ceiling."""
+    rerank_bodies = scratch / "rerank.jsonl"
+    with serving(bundle, "--model-id", str(reranker), "--dtype", dtype) as (url, server):
+        results: dict[str, dict[str, Any]] = {}
+        threads = [threading.Thread(target=lambda: results.setdefault(
+                       "embed", run_wrk(url, embed_bodies, 16, seconds, server.pid))),
+                   threading.Thread(target=lambda: results.setdefault(
+                       "rerank", run_wrk(url, rerank_bodies, 4, seconds, server.pid, path="/rerank")))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for kind, per_request, clients in (("embed", 1, 16), ("rerank", RERANK_DOCUMENTS, 4)):
+        measured = results[kind]
+        entry = {"dtype": dtype, "scenario": f"mixed: {kind} part ({clients} clients, while the other part runs)",
+                 "texts_per_s": measured["requests"] * per_request / measured["seconds"], **measured,
+                 "ceiling": {}, "mixed": True}
+        report["results"].append(entry)
+        print(_row(entry), flush=True)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Throughput and p99 latency against concurrent single-text clients, one line per dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for dtype in sorted({entry["dtype"] for entry in report["results"] if entry.get("sweep")}):
+        points = sorted((entry["connections"], entry["texts_per_s"], entry["p99_ms"])
+                        for entry in report["results"] if entry.get("sweep") and entry["dtype"] == dtype)
+        clients = [point[0] for point in points]
+        left.plot(clients, [point[1] for point in points], marker="o", label=dtype)
+        right.plot(clients, [point[2] for point in points], marker="o", label=dtype)
+        ceilings = [entry["ceiling"]["batch32_items_per_s"] for entry in report["results"]
+                    if entry.get("sweep") and entry["dtype"] == dtype]
+        left.axhline(ceilings[0], linestyle="--", linewidth=0.8, color=left.lines[-1].get_color(),
+                     label=f"{dtype} in-process ceiling (batch 32)")
+    for axis, title, unit in ((left, "Throughput", "texts/s"), (right, "p99 latency", "ms")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent clients, 1 short text each")
+        axis.set_ylabel(unit)
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"embedrank, {Path(str(report['bundle'])).name}, {report['machine']['cpu']}, "
+                    f"{report['machine']['cores']} cores", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
@@ -262,8 +365,14 @@ def _cpu_name() -> str:
 
 
 def _row(entry: dict[str, Any]) -> str:
-    ceiling_info = (f"{entry['ratio_to_ceiling']:.2f}x ceiling" if "ratio_to_ceiling" in entry
-                    else f"p50 {entry['p50_minus_ceiling_ms']:+.2f} ms vs ceiling batch 1")
+    if "ratio_to_ceiling" in entry:
+        ceiling_info = f"{entry['ratio_to_ceiling']:.2f}x ceiling"
+    elif "p50_minus_ceiling_ms" in entry:
+        ceiling_info = f"p50 {entry['p50_minus_ceiling_ms']:+.2f} ms vs ceiling batch 1"
+    else:
+        ceiling_info = "no ceiling"
+    if "padding_waste" in entry:
+        ceiling_info += f"  padding {entry['padding_waste']:.0%}"
     return (f"{entry['dtype']:<8} {entry['scenario']:<22} {entry['texts_per_s']:8.1f} texts/s  "
             f"p50 {entry['p50_ms']:7.2f}  p99 {entry['p99_ms']:7.2f} ms  {ceiling_info}  "
             f"errors {entry['socket_errors'] + entry['non_2xx']}  wrk {entry['wrk_cpu_cores']:.2f} cores")
@@ -275,13 +384,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['seconds_per_scenario']:.0f} s per scenario; bundles {Path(str(report['bundle'])).name}, "
         f"{Path(str(report['reranker'])).name}.",
         "",
-        "| dtype | scenario | texts (pairs)/s | p50 ms | p90 ms | p99 ms | errors | ceiling | vs ceiling | wrk CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---:|",
+        "| dtype | scenario | texts (pairs)/s | p50 ms | p90 ms | p99 ms | errors | ceiling | vs ceiling | padding "
+        "| wrk CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for entry in report["results"]:
         base = entry["ceiling"]
         if entry.get("rerank"):
             ceiling_text = f"{base['pairs_per_s']:.0f} pairs/s"
+            versus = f"{entry['ratio_to_ceiling']:.2f}x"
+        elif entry.get("mixed") or ("ratio_to_ceiling" not in entry and "p50_minus_ceiling_ms" not in entry):
+            ceiling_text, versus = "-", "-"
+        elif entry.get("long"):
+            ceiling_text = (f"{base['long_items_per_s']:.0f} texts/s "
+                            f"(batch 8, {base['long_tokens_per_text']:.0f} tokens)")
             versus = f"{entry['ratio_to_ceiling']:.2f}x"
         elif "ratio_to_ceiling" in entry:
             ceiling_text = f"{base['batch32_items_per_s']:.0f} texts/s (batch 32)"
@@ -289,10 +405,11 @@ def markdown(report: dict[str, Any]) -> str:
         else:
             ceiling_text = f"{base['batch1_p50_ms']:.2f} ms (batch 1)"
             versus = f"{entry['p50_minus_ceiling_ms']:+.2f} ms"
+        padding = f"{entry['padding_waste']:.0%}" if "padding_waste" in entry else "-"
         lines.append(
             f"| {entry['dtype']} | {entry['scenario']} | {entry['texts_per_s']:.0f} | {entry['p50_ms']:.2f} | "
             f"{entry['p90_ms']:.2f} | {entry['p99_ms']:.2f} | {entry['socket_errors'] + entry['non_2xx']} | "
-            f"{ceiling_text} | {versus} | {entry['wrk_cpu_cores']:.2f} cores |")
+            f"{ceiling_text} | {versus} | {padding} | {entry['wrk_cpu_cores']:.2f} cores |")
     return "\n".join(lines) + "\n"
 
 

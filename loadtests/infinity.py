@@ -6,9 +6,10 @@
 Infinity (`infinity-emb`) is installed in its own virtual environment under a temporary directory
 (or --venv DIR, kept for later runs), never into the project's: first the pinned CPU torch, then
 infinity-emb with its torch and optimum (ONNX) engines. Each Infinity configuration (torch fp32,
-ONNX fp32, ONNX int8) and each embedrank dtype serves the model in turn on 127.0.0.1, and wrk
-drives the same bodies to the route both speak, Infinity's `POST /embeddings`. Equivalent settings:
-batch size 32 on both; one process; CPU only. Results: loadtests/results/infinity-*.{json,md}.
+ONNX fp32, ONNX int8; the ONNX files are embedrank's bundle graphs, so both run the same graphs) and
+each embedrank dtype serves the model in turn on 127.0.0.1, and wrk drives the same bodies to the
+route both speak, Infinity's `POST /embeddings`, after a 3-second warm-up. Equivalent settings:
+batch size 32 on both; one process; CPU only; default threads. Results: loadtests/results/infinity-*.{json,md}.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from service.bench import SHORT_TEXTS
 
 HERE = Path(__file__).resolve().parent
 INFINITY = "infinity-emb[server,torch,optimum]==0.0.78"
-CONFIGURATIONS = [("torch", "float32"), ("optimum", "float32"), ("optimum", "int8")]
+# (label, engine, extra flags). Infinity's ONNX engine reads the *.onnx files of the model directory and
+# prefers a file with "quantize" in its name on CPUs; it applies ONNX Runtime's optimizer itself.
+CONFIGURATIONS = [("torch fp32", "torch", []),
+                  ("ONNX fp32", "optimum", ["--onnx-do-not-prefer-quantized"]),
+                  ("ONNX int8", "optimum", [])]
 SCENARIOS = [("1 client x 1 text", 1, 1), ("32 clients x 1 text", 32, 1), ("8 clients x 32 texts", 8, 32)]
 
 
@@ -58,20 +63,37 @@ def bodies(directory: Path, model: str, texts_per_request: int) -> Path:
     return path
 
 
-def start_infinity(python: Path, model_dir: Path, engine: str, dtype: str, log: Path) -> tuple[str, Any]:
+def onnx_model_dir(model_dir: Path, bundle: Path, scratch: Path) -> Path:
+    """The Hugging Face directory with ONNX files added: the source files, plus the bundle's fp32 graph
+    as model.onnx and its int8 graph as model_quantized.onnx (the same graphs embedrank runs, so both
+    servers compute the same thing)."""
+    target = scratch / "infinity-model"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if not (target / item.name).exists():
+            (target / item.name).symlink_to(item.resolve())
+    # at the top level: this optimum version does not find files Infinity names with their subfolder
+    (target / "model.onnx").symlink_to((bundle / "model.onnx").resolve())
+    (target / "model_quantized.onnx").symlink_to((bundle / "model_int8.onnx").resolve())
+    return target
+
+
+def start_infinity(python: Path, model_dir: Path, engine: str, flags: list[str], log: Path) -> tuple[str, Any]:
     port = _free_port()
-    command = [str(python.parent / "infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name",
-               "minilm", "--engine", engine, "--dtype", dtype, "--device", "cpu", "--batch-size", "32",
-               "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "", "--no-model-warmup"]
+    # Run from inside the model directory with --model-id ".": Infinity lists a local directory's ONNX files
+    # with the path it was given and optimum wants them relative to the directory.
+    command = [str(python.parent / "infinity_emb"), "v2", "--model-id", ".", "--served-model-name",
+               "minilm", "--engine", engine, "--device", "cpu", "--batch-size", "32",
+               "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "", *flags]
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=model_dir,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
                                         "DO_NOT_TRACK": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"infinity ({engine}, {dtype}) exited:\n{log.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(f"infinity ({engine}) exited:\n{log.read_text(errors='replace')[-3000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return url, process
@@ -79,7 +101,7 @@ def start_infinity(python: Path, model_dir: Path, engine: str, dtype: str, log: 
             pass
         time.sleep(0.5)
     process.kill()
-    raise RuntimeError(f"infinity ({engine}, {dtype}) not ready in 600 s")
+    raise RuntimeError(f"infinity ({engine}) not ready in 600 s")
 
 
 def measure(url: str, pid: int, scratch: Path, model: str, seconds: float) -> list[dict[str, Any]]:
@@ -131,11 +153,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         python = install(args.venv or scratch / "infinity-venv")
-        for engine, dtype in CONFIGURATIONS:
-            label = f"Infinity {engine} {dtype}"
+        model_dir = onnx_model_dir(args.model_dir, args.bundle, scratch)
+        for name, engine, flags in CONFIGURATIONS:
+            label = f"Infinity {name}"
             print(label, flush=True)
             try:
-                url, process = start_infinity(python, args.model_dir, engine, dtype, scratch / f"{engine}-{dtype}.log")
+                url, process = start_infinity(python, model_dir, engine, flags, scratch / f"{name}.log")
             except RuntimeError as error:
                 print(f"  {error}", flush=True)
                 report["servers"][label] = f"failed: {str(error)[-500:]}"

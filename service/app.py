@@ -216,7 +216,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
         if models is None:
             models = load_models(
                 settings.model_id, settings.served_model_name, settings.models_dir, settings.device, settings.dtype,
-                SessionConfig(intra_op_threads=settings.intra_op_threads or 0, nice=settings.inference_nice),
+                SessionConfig(intra_op_threads=settings.intra_op_threads or 0, nice=settings.inference_nice,
+                              allow_spinning=settings.allow_spinning),
                 settings.max_batch_tokens,
                 settings.max_batch_requests, warmup=settings.warmup)
         start_batchers(models)

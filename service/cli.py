@@ -50,6 +50,7 @@ _BOOL_FLAGS = [
     ("--warmup", "warmup", "warm up before reporting ready (default true)"),
     ("--log-requests", "log_requests", "one log line per request (default true)"),
     ("--split-oversized-batches", "split_oversized_batches", "split requests over --max-client-batch-size"),
+    ("--allow-spinning", "allow_spinning", "let ONNX Runtime threads spin between operators (default false)"),
 ]
 
 

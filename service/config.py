@@ -81,6 +81,10 @@ class Settings(BaseSettings):
         None, ge=1, description="Forward passes run at once per model (default: 2 on machines with 2 or more "
         "cores). Two overlapping batches keep a small CPU busy while the event loop works; 1 gives the lowest "
         "latency for a lone request on an idle server.")
+    allow_spinning: bool = Field(
+        False, description="Let ONNX Runtime's threads spin while waiting for work between operators. Faster "
+        "forward passes when the machine has nothing else to do; on small machines spinning threads take the "
+        "CPU the event loop needs to parse, tokenize and answer, so it is off by default.")
     inference_nice: int = Field(
         5, ge=0, le=19, description="Nice value of the inference threads (Linux). Above 0 the event loop gets "
         "the CPU first whenever it has work (new requests, /health, refusing a flood) and inference uses what "

@@ -22,6 +22,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_up(process: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail with the process's log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not up in {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
+
+
 @dataclass
 class RunningServer:
     url: str
@@ -44,18 +61,7 @@ def running_server(args: list[str], log_dir: Path, env: dict[str, str] | None = 
                                    env={**os.environ, **(env or {})})
     server = RunningServer(f"http://127.0.0.1:{port}", process, log)
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.output()}")
-            try:
-                if httpx.get(server.url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in {ready_timeout}s:\n{server.output()}")
-            time.sleep(0.1)
+        wait_until_up(process, server.url + "/health", log, ready_timeout)
         yield server
     finally:
         if process.poll() is None:

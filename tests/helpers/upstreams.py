@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.server import free_port
+from tests.helpers.server import free_port, wait_until_up
 
 HELPERS = Path(__file__).parent
 ROOT = HELPERS.parents[1]
@@ -35,21 +34,6 @@ class Upstream:
         return next(event for event in self.events() if event["request_id"] == request_id)
 
 
-def _wait(process: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"upstream exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(url + "/models", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"upstream not up in {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.05)
-
-
 @contextmanager
 def _process(command: list[str], port: int, log_dir: Path, timeout: float) -> Iterator[Upstream]:
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +42,7 @@ def _process(command: list[str], port: int, log_dir: Path, timeout: float) -> It
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     upstream = Upstream(f"http://127.0.0.1:{port}/v1", process, log)
     try:
-        _wait(process, upstream.url, log, timeout)
+        wait_until_up(process, upstream.url + "/models", log, timeout)
         yield upstream
     finally:
         if process.poll() is None:

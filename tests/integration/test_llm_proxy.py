@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -144,11 +145,7 @@ def test_an_upstream_that_stalls_is_504(setup: Setup) -> None:
     # mid-stream: the chunks already sent stay, then an error event the SDK raises
     stream = setup.client().chat.completions.create(model="slow", messages=[], stream=True,
                                                     extra_body={"stub": {"chunks": 5, "stall_after": 2}})
-    received = []
-    with pytest.raises(openai.APIError, match="stopped sending"):
-        for chunk in stream:
-            received.append(chunk.choices[0].delta.content)
-    assert received == ["tok0 ", "tok1 "]
+    assert _deltas_until_error(stream, "stopped sending") == ["tok0 ", "tok1 "]
 
 
 def test_upstream_client_errors_pass_through(setup: Setup) -> None:
@@ -199,11 +196,7 @@ def test_a_client_that_leaves_before_a_plain_answer_cancels_the_upstream(setup: 
 def test_an_upstream_dying_mid_stream_ends_the_stream_with_an_error(setup: Setup) -> None:
     stream = setup.client().chat.completions.create(model="mortal", messages=[], stream=True,
                                                     extra_body={"stub": {"chunks": 10, "die_after": 3}})
-    received = []
-    with pytest.raises(openai.APIError, match="mid-stream"):
-        for chunk in stream:
-            received.append(chunk.choices[0].delta.content)
-    assert received == ["tok0 ", "tok1 ", "tok2 "]
+    assert _deltas_until_error(stream, "mid-stream") == ["tok0 ", "tok1 ", "tok2 "]
     setup.mortal.process.wait(timeout=5)
     # the server is fine, and the dead upstream now answers 502
     assert httpx.get(setup.server.url + "/health").status_code == 200
@@ -229,6 +222,15 @@ def test_a_pool_with_a_dead_member_still_serves_and_takes_it_back(setup: Setup) 
         for _ in range(6):
             assert setup.post("/v1/chat/completions", {"model": "pool", "messages": []}).status_code == 200
         assert len(revived.events()) >= 2  # least-outstanding spreads sequential requests over both
+
+
+def _deltas_until_error(stream: Iterable[Any], message: str) -> list[str | None]:
+    """The streamed deltas received before the stream ended with an error event matching `message`."""
+    received = []
+    with pytest.raises(openai.APIError, match=message):
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content)
+    return received
 
 
 def _value(metrics: str, series: str) -> float:

@@ -12,8 +12,10 @@ With `workers > 1`, a second batch may run while one is running, on the same ONN
 but only a small one (at most `overlap_tokens` padded tokens). For many small requests on a small
 CPU this beats one batch at a time: the event loop's work preempts one of the engine's threads now
 and then, a single parallel forward pass stalls at every barrier when that happens, and a second
-independent pass keeps the cores busy. Long batches never overlap: two of them would only slow
-each other down and stretch the tail latency.
+independent pass keeps the cores busy. Wide batches never overlap: two of them only slow each other
+down and stretch the tail latency. The bound, 256 padded tokens (e.g. 16 short texts), was measured
+on 2 cores: with 2048, 8 clients x 32 texts in fp32 ran 11% slower (three pairs of runs) because
+their batches of ~60 texts overlapped; 32 single-text clients were unchanged.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class DynamicBatcher:
 
     def __init__(self, name: str, run_batch: BatchRunner, max_batch_tokens: int, max_batch_requests: int | None,
                  on_batch: Callable[[BatchStats], None] | None = None, max_wait_seconds: float = 0.01,
-                 workers: int = 1, overlap_tokens: int = 2048, nice: int = 0) -> None:
+                 workers: int = 1, overlap_tokens: int = 256, nice: int = 0) -> None:
         self.name = name
         self.nice = nice
         self._run_batch = run_batch

@@ -25,9 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from loadtests.run import _cpu_name, _free_port, run_wrk, serving
+from loadtests.run import _cpu_name, _free_port, _wait_ready, run_wrk, serving
 from service.bench import SHORT_TEXTS
 
 HERE = Path(__file__).resolve().parent
@@ -90,18 +88,12 @@ def start_infinity(python: Path, model_dir: Path, engine: str, flags: list[str],
                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
                                         "DO_NOT_TRACK": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"infinity ({engine}) exited:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return url, process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"infinity ({engine}) not ready in 600 s")
+    try:
+        _wait_ready(url, process, timeout=600)
+    except RuntimeError as error:
+        process.kill()
+        raise RuntimeError(f"infinity ({engine}): {error}\n{log.read_text(errors='replace')[-3000:]}") from None
+    return url, process
 
 
 def measure(url: str, pid: int, scratch: Path, model: str, seconds: float) -> list[dict[str, Any]]:

@@ -340,18 +340,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
+def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
+            raise RuntimeError(f"server exited with {process.returncode}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    raise SystemExit("server did not become ready")
+    raise RuntimeError(f"server did not become ready in {timeout:g} s")
 
 
 def _cpu_name() -> str:

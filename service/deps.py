@@ -9,6 +9,7 @@ import orjson
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
+from starlette.types import Receive
 
 from service.batching.batcher import PendingRequest
 from service.core.embed import Limits, Timings, Usage, WaitHook
@@ -34,17 +35,17 @@ def model_for(request: Request, name: str | None, task: str, accepts_any: bool =
     return registry(request).get(name, task, accepts_any)
 
 
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return when the client has gone away (once the body is read, uvicorn's receive blocks until then)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def until_disconnect(request: Request) -> WaitHook:
     """Wait for the batcher, but drop the request's queued items if the client goes away."""
 
     async def wait(pending: PendingRequest) -> list[Any]:
-        async def disconnected() -> None:
-            while True:
-                message = await request.receive()
-                if message["type"] == "http.disconnect":
-                    return
-
-        watcher: asyncio.Future[Any] = asyncio.ensure_future(disconnected())
+        watcher: asyncio.Future[Any] = asyncio.ensure_future(wait_for_disconnect(request.receive))
         waiting: set[asyncio.Future[Any]] = {pending.future, watcher}
         try:
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)

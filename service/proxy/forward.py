@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 import service
+from service.deps import wait_for_disconnect
 from service.errors import OPENAI_TYPE, STATUS, ApiError, ErrorKind
 from service.observability import Metrics
 from service.proxy.pool import Member, Pool
@@ -214,7 +215,10 @@ class LlmProxy:
                     value = outcome.usage.get(kind)
                     if isinstance(value, int) and value > 0:
                         self.metrics.llm_tokens.labels(name, kind.removesuffix("_tokens")).inc(value)
-            logger.info("llm %s via %s: %s in %.1f ms%s", name, member.url, outcome.status, elapsed * 1000,
+            # The access log already has one line per request; this one adds the upstream's side, at debug
+            # level unless the upstream failed.
+            level = logging.WARNING if outcome.status >= 500 else logging.DEBUG
+            logger.log(level, "llm %s via %s: %s in %.1f ms%s", name, member.url, outcome.status, elapsed * 1000,
                         f" ({outcome.error})" if outcome.error else "",
                         extra={"fields": {"upstream": name, "url": member.url, "upstream_status": outcome.status,
                                           "upstream_ms": round(elapsed * 1000, 3), "error": outcome.error}})
@@ -281,7 +285,7 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = Outcome(200)
         pump = asyncio.ensure_future(self._pump(send, outcome))
-        watch = asyncio.ensure_future(_disconnected(receive))
+        watch = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
             await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not pump.done():
@@ -337,13 +341,6 @@ class _StreamFailure(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
-
-
-async def _disconnected(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _last_event_end(buffer: bytes) -> int:

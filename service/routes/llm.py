@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from service.deps import wait_for_disconnect
 from service.errors import ApiError, ErrorKind, openapi_responses
 from service.observability import REQUEST_ID
 from service.proxy.forward import LlmProxy
@@ -59,7 +60,7 @@ async def _forward(request: Request, route: str, required: str) -> Response:
     # A client that leaves before the upstream answers cancels the upstream request; once streaming,
     # the stream watches for that itself.
     forwarding = asyncio.ensure_future(proxy.forward(route, payload, REQUEST_ID.get()))
-    watch = asyncio.ensure_future(_disconnected(request))
+    watch = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({forwarding, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -70,9 +71,3 @@ async def _forward(request: Request, route: str, required: str) -> Response:
         raise ApiError(ErrorKind.CANCELLED, "client disconnected")
     return forwarding.result()
 
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

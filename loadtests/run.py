@@ -84,12 +84,15 @@ def throughput(forward: Callable[[Any], Any], batch: Any, size: int, workers: in
 
 def ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
     """Batch-1 latency and batch-32 throughput ONNX Runtime reaches in this process, each the best of
-    the configurations tried (thread spinning on or off; one pass at a time on all cores, or two
-    passes at once), so the server is held to the best the machine does, not to its own settings."""
+    the configurations tried (thread spinning on or off, or one thread; one pass at a time on all
+    cores, two such passes at once, or one single-threaded pass per core), so the server is held to
+    the best the machine does, not to its own settings."""
     texts = [f"{SHORT_TEXTS[index % len(SHORT_TEXTS)]} {index}" for index in range(32)]
     result: dict[str, float] = {}
-    for spinning in (False, True):
-        model = BundleModel(bundle, variant=variant, session_config=SessionConfig(allow_spinning=spinning))
+    single_configs = {"spinning_off": SessionConfig(), "spinning_on": SessionConfig(allow_spinning=True),
+                      "single_thread": SessionConfig(intra_op_threads=1)}
+    for label, config in single_configs.items():
+        model = BundleModel(bundle, variant=variant, session_config=config)
         single = model.tokenizer.pad(model.tokenizer.encode(texts[:1]))
         for _ in range(10):
             model.forward_pooled(single)
@@ -99,19 +102,22 @@ def ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
             start = time.perf_counter()
             model.forward_pooled(single)
             samples.append(time.perf_counter() - start)
-        result[f"batch1_p50_ms_spinning_{'on' if spinning else 'off'}"] = statistics.median(samples) * 1000
-    result["batch1_p50_ms"] = min(result["batch1_p50_ms_spinning_on"], result["batch1_p50_ms_spinning_off"])
-    model = BundleModel(bundle, variant=variant, session_config=SessionConfig())
-    full = model.tokenizer.pad(model.tokenizer.encode(texts))
-    model.forward_pooled(full)
-    for workers in (1, 2):
-        result[f"batch32_items_per_s_{workers}_pass"] = throughput(model.forward_pooled, full, 32, workers, seconds)
-    result["batch32_items_per_s"] = max(result["batch32_items_per_s_1_pass"], result["batch32_items_per_s_2_pass"])
-    long = model.tokenizer.pad(model.tokenizer.encode([long_text(LONG_WORDS, seed=index) for index in range(8)]))
-    model.forward_pooled(long)
-    for workers in (1, 2):
-        result[f"long8_items_per_s_{workers}_pass"] = throughput(model.forward_pooled, long, 8, workers, seconds)
-    result["long_items_per_s"] = max(result["long8_items_per_s_1_pass"], result["long8_items_per_s_2_pass"])
+        result[f"batch1_p50_ms_{label}"] = statistics.median(samples) * 1000
+    result["batch1_p50_ms"] = min(result[f"batch1_p50_ms_{label}"] for label in single_configs)
+    cores = len(os.sched_getaffinity(0))
+    # All cores on one pass (one pass at a time, or two at once), or one thread per pass and one pass per core.
+    layouts = {"1_pass": (SessionConfig(), 1), "2_pass": (SessionConfig(), 2),
+               f"{cores}_single_thread_passes": (SessionConfig(intra_op_threads=1), cores)}
+    for label, (config, workers) in layouts.items():
+        model = BundleModel(bundle, variant=variant, session_config=config)
+        full = model.tokenizer.pad(model.tokenizer.encode(texts))
+        model.forward_pooled(full)
+        result[f"batch32_items_per_s_{label}"] = throughput(model.forward_pooled, full, 32, workers, seconds)
+        long = model.tokenizer.pad(model.tokenizer.encode([long_text(LONG_WORDS, seed=index) for index in range(8)]))
+        model.forward_pooled(long)
+        result[f"long8_items_per_s_{label}"] = throughput(model.forward_pooled, long, 8, workers, seconds)
+    result["batch32_items_per_s"] = max(result[f"batch32_items_per_s_{label}"] for label in layouts)
+    result["long_items_per_s"] = max(result[f"long8_items_per_s_{label}"] for label in layouts)
     result["long_tokens_per_text"] = float(long.input_ids.shape[1])
     return result
 
@@ -126,22 +132,27 @@ def rerank_documents(seed: int) -> list[str]:
 
 def rerank_ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
     """Pairs per second ONNX Runtime scores in this process, batches of one request's 20 pairs or of
-    32, one pass at a time or two at once: the best is the ceiling."""
-    model = BundleModel(bundle, variant=variant, session_config=SessionConfig())
+    32, one pass at a time on all cores, two at once, or one single-threaded pass per core: the best
+    is the ceiling."""
+    cores = len(os.sched_getaffinity(0))
+    layouts = {"1_pass": (SessionConfig(), 1), "2_pass": (SessionConfig(), 2),
+               f"{cores}_single_thread_passes": (SessionConfig(intra_op_threads=1), cores)}
     pairs = [(SHORT_TEXTS[0], document) for document in rerank_documents(0) + rerank_documents(1)]
     result: dict[str, float] = {}
-    for size in (RERANK_DOCUMENTS, 32):
-        batch = model.tokenizer.pad(model.tokenizer.encode(pairs[:size]))
-        model.forward_logits(batch)
-        for workers in (1, 2):
-            result[f"batch{size}_pairs_per_s_{workers}_pass"] = throughput(model.forward_logits, batch, size,
-                                                                            workers, seconds)
+    for label, (config, workers) in layouts.items():
+        model = BundleModel(bundle, variant=variant, session_config=config)
+        for size in (RERANK_DOCUMENTS, 32):
+            batch = model.tokenizer.pad(model.tokenizer.encode(pairs[:size]))
+            model.forward_logits(batch)
+            result[f"batch{size}_pairs_per_s_{label}"] = throughput(model.forward_logits, batch, size, workers,
+                                                                     seconds)
     result["pairs_per_s"] = max(result.values())
     result["tokens_per_pair"] = statistics.mean(len(item) for item in model.tokenizer.encode(pairs))
     return result
 
 
-def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str, Any], scratch: Path) -> None:
+def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str, Any], scratch: Path,
+               server_args: tuple[str, ...] = ()) -> None:
     bodies = scratch / "rerank.jsonl"
     with bodies.open("w") as handle:
         for index in range(200):
@@ -149,7 +160,7 @@ def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str
                                      "texts": rerank_documents(index)}) + "\n")
     for dtype in dtypes:
         base = rerank_ceiling(bundle, dtype, max(2.0, seconds / 3))
-        with serving(bundle, "--dtype", dtype) as (url, server):
+        with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
             measured = run_wrk(url, bodies, 8, seconds, server.pid, path="/rerank")
         pairs_per_second = measured["requests"] * RERANK_DOCUMENTS / measured["seconds"]
         entry = {"dtype": dtype, "scenario": "rerank 8 clients x (1 query + 20 docs of ~100 tokens)",
@@ -234,23 +245,25 @@ def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid
 
 
 def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
-        reranker: Path | None = None) -> dict[str, Any]:
+        reranker: Path | None = None, server_args: tuple[str, ...] = (), only: str | None = None) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     report: dict[str, Any] = {
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "bundle": str(bundle), "reranker": str(reranker), "seconds_per_scenario": seconds, "results": [],
+        "bundle": str(bundle), "reranker": str(reranker), "seconds_per_scenario": seconds,
+        "server_args": list(server_args), "results": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
         bodies = {(scenario.kind, scenario.texts_per_request):
                   _bodies(Path(scratch), scenario.texts_per_request, scenario.kind) for scenario in SCENARIOS}
-        if reranker is not None:
-            run_rerank(reranker, dtypes, seconds, report, Path(scratch))
-        for dtype in dtypes if bundle is not None else []:
+        if reranker is not None and (only is None or "rerank" in only):
+            run_rerank(reranker, dtypes, seconds, report, Path(scratch), server_args)
+        scenarios = [scenario for scenario in SCENARIOS if only is None or only in scenario.name]
+        for dtype in dtypes if bundle is not None and scenarios else []:
             base = ceiling(bundle, dtype, max(2.0, seconds / 2))
-            with serving(bundle, "--dtype", dtype) as (url, server):
-                for scenario in SCENARIOS:
+            with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
+                for scenario in scenarios:
                     tokens_before = _token_counters(url)
                     measured = run_wrk(url, bodies[(scenario.kind, scenario.texts_per_request)],
                                        scenario.connections, seconds, server.pid)
@@ -271,8 +284,8 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
                         entry["long"] = True
                     report["results"].append(entry)
                     print(_row(entry), flush=True)
-            if reranker is not None:
-                run_mixed(bundle, reranker, dtype, seconds, report, bodies[("short", 1)], Path(scratch))
+            if reranker is not None and only is None:
+                run_mixed(bundle, reranker, dtype, seconds, report, bodies[("short", 1)], Path(scratch), server_args)
     output.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (output / f"load-{stamp}.json").write_text(json.dumps(report, indent=2))
@@ -285,11 +298,11 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
 
 
 def run_mixed(bundle: Path, reranker: Path, dtype: str, seconds: float, report: dict[str, Any], embed_bodies: Path,
-              scratch: Path) -> None:
+              scratch: Path, server_args: tuple[str, ...] = ()) -> None:
     """Embed and rerank at once on one server holding both models: 16 embed clients x 1 text and 4
     rerank clients x 20 documents, each reported against its own ceiling."""
     rerank_bodies = scratch / "rerank.jsonl"
-    with serving(bundle, "--model-id", str(reranker), "--dtype", dtype) as (url, server):
+    with serving(bundle, "--model-id", str(reranker), "--dtype", dtype, *server_args) as (url, server):
         results: dict[str, dict[str, Any]] = {}
         threads = [threading.Thread(target=lambda: results.setdefault(
                        "embed", run_wrk(url, embed_bodies, 16, seconds, server.pid))),
@@ -422,9 +435,14 @@ def main() -> None:
     parser.add_argument("--dtype", action="append", choices=["float32", "int8"], default=None)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--output", type=Path, default=HERE / "results")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for every server started, e.g. --server-arg=--engine-workers=1")
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="run only the scenarios whose name contains TEXT ('rerank' for the rerank one)")
     args = parser.parse_args()
     bundle = None if str(args.bundle) == "none" else args.bundle
-    run(bundle, args.dtype or ["float32", "int8"], args.seconds, args.output, args.reranker)
+    run(bundle, args.dtype or ["float32", "int8"], args.seconds, args.output, args.reranker,
+        tuple(args.server_arg), args.only)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from service.core.embed import Limits
 from service.core.loading import load_models
 from service.core.registry import ModelRegistry, batch_observer
 from service.deps import ITEMS_HEADER
+from service.engines.layout import thread_layout
 from service.engines.ort_engine import SessionConfig, default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
 from service.observability import REQUEST_ID, Metrics
@@ -35,6 +36,7 @@ from service.routes import llm as llm_routes
 from service.routes import openai as openai_routes
 from service.routes import rerank as rerank_routes
 from service.routes import tei as tei_routes
+from service.routes.direct import DirectRoutes, direct_routes
 
 logger = logging.getLogger("embedrank.app")
 access_logger = logging.getLogger("embedrank.access")
@@ -90,6 +92,13 @@ class BearerAuth:
             return
         await self.app(scope, receive, send)
 
+
+# Padded tokens at which a CPU batch stops growing (see --target-batch-tokens).
+CPU_TARGET_BATCH_TOKENS = 2048
+ROUTERS = [tei_routes.router, openai_routes.router, rerank_routes.router, llm_routes.router]
+# The routes served by DirectRoutes (the rest go through the framework's router).
+DIRECT_PATHS = ["/embed", "/v1/embeddings", "/embeddings", "/rerank", "/v1/rerank", "/v2/rerank", "/predict",
+                "/classify", "/similarity"]
 
 _GENERATION_PATHS = tuple("/v1" + route for route in LLM_ROUTES)
 
@@ -219,7 +228,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                 SessionConfig(intra_op_threads=settings.intra_op_threads or 0, nice=settings.inference_nice,
                               allow_spinning=settings.allow_spinning),
                 settings.max_batch_tokens,
-                settings.max_batch_requests, warmup=settings.warmup)
+                settings.max_batch_requests, warmup=settings.warmup, engine_workers=settings.engine_workers)
         start_batchers(models)
         app.state.registry = models
         if proxy is not None:
@@ -263,9 +272,13 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     def start_batchers(models: ModelRegistry) -> None:
         for model in models.models:
             if model.batcher is None:
+                layout = model.layout or thread_layout(model.variant, model.device, default_intra_op_threads(),
+                                                       settings.intra_op_threads, settings.engine_workers)
                 model.start(settings.max_batch_tokens, settings.max_batch_requests, batch_observer(metrics, model.name),
-                            workers=settings.engine_workers or min(2, default_intra_op_threads()),
-                            nice=settings.inference_nice)
+                            workers=layout.workers, nice=settings.inference_nice,
+                            overlap_tokens=layout.overlap_tokens or settings.max_batch_tokens,
+                            target_tokens=settings.target_batch_tokens or (
+                                CPU_TARGET_BATCH_TOKENS if model.device == "cpu" else None))
 
     if registry is not None:
         start_batchers(registry)
@@ -294,10 +307,10 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     async def prometheus(_: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(tei_routes.router)
-    app.include_router(openai_routes.router)
-    app.include_router(rerank_routes.router)
-    app.include_router(llm_routes.router)
+    for router in ROUTERS:
+        app.include_router(router)
+    if settings.direct_routes and not settings.otlp_endpoint:  # tracing instruments the framework's routes
+        app.add_middleware(DirectRoutes, table=direct_routes(ROUTERS, DIRECT_PATHS), metrics=metrics)  # type: ignore[arg-type]
     app.add_middleware(PayloadLimit, limit=settings.payload_limit)  # type: ignore[arg-type]
     app.add_middleware(EarlyRefusal, limit=settings.max_concurrent_requests, state=app.state)  # type: ignore[arg-type]
     keys = settings.api_keys()

@@ -16,6 +16,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--device", "device", str, "auto | cpu | cuda"),
     ("--dtype", "dtype", str, "auto | float32 | int8 | float16"),
     ("--max-batch-tokens", "max_batch_tokens", int, "padded tokens per forward pass (default 16384)"),
+    ("--target-batch-tokens", "target_batch_tokens", int, "padded tokens at which a batch stops growing (CPU 2048)"),
     ("--max-batch-requests", "max_batch_requests", int, "items per forward pass (default: token budget only)"),
     ("--max-client-batch-size", "max_client_batch_size", int, "inputs per request (default 2048)"),
     ("--max-concurrent-requests", "max_concurrent_requests", int, "requests admitted at once (default 512)"),
@@ -28,7 +29,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--default-prompt-name", "default_prompt_name", str, "prompt of the model prepended to every input"),
     ("--default-prompt", "default_prompt", str, "literal prompt prepended to every input"),
     ("--tokenization-workers", "tokenization_workers", int, "threads tokenizing large requests"),
-    ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per forward pass"),
+    ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per pass (default: cores; int8: half)"),
     ("--engine-workers", "engine_workers", int, "forward passes run at once per model (default 2)"),
     ("--inference-nice", "inference_nice", int, "nice value of inference threads (event loop first)"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
@@ -51,6 +52,7 @@ _BOOL_FLAGS = [
     ("--log-requests", "log_requests", "one log line per request (default true)"),
     ("--split-oversized-batches", "split_oversized_batches", "split requests over --max-client-batch-size"),
     ("--allow-spinning", "allow_spinning", "let ONNX Runtime threads spin between operators (default false)"),
+    ("--direct-routes", "direct_routes", "serve the hot POST routes without the framework's router (default true)"),
 ]
 
 

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         "on CPUs at a small, measured accuracy cost (see the bundle manifest).")
     max_batch_tokens: int = Field(
         16384, ge=1, description="Padded tokens per forward pass. Larger batches raise throughput and memory.")
+    target_batch_tokens: int | None = Field(
+        None, ge=1, description="Padded tokens at which a batch stops growing while more is queued (the rest "
+        "runs in the next pass). On CPUs the time per item is lowest around 1-2 thousand padded tokens and "
+        "rises beyond, so the default is 2048 on CPU; on CUDA it is max_batch_tokens.")
     max_batch_requests: int | None = Field(
         None, ge=1, description="Items per forward pass (default: bounded by max_batch_tokens only).")
     max_client_batch_size: int = Field(
@@ -76,11 +80,13 @@ class Settings(BaseSettings):
         None, ge=1, description="Threads tokenizing large requests (default: CPU cores). Small inputs are "
         "tokenized inline, which is faster than a thread hand-off.")
     intra_op_threads: int | None = Field(
-        None, ge=1, description="ONNX Runtime threads per forward pass (default: available cores).")
+        None, ge=1, description="ONNX Runtime threads per forward pass (default: all available cores; for int8 "
+        "on CPU half of them, with two passes at once).")
     engine_workers: int | None = Field(
         None, ge=1, description="Forward passes run at once per model (default: 2 on machines with 2 or more "
-        "cores). Two overlapping batches keep a small CPU busy while the event loop works; 1 gives the lowest "
-        "latency for a lone request on an idle server.")
+        "cores). With float32 each pass uses every core and the second one runs only small batches, which "
+        "keeps a small CPU busy while the event loop works; 1 gives the lowest latency for a lone request on "
+        "an idle server.")
     allow_spinning: bool = Field(
         False, description="Let ONNX Runtime's threads spin while waiting for work between operators. Faster "
         "forward passes when the machine has nothing else to do; on small machines spinning threads take the "
@@ -89,6 +95,11 @@ class Settings(BaseSettings):
         5, ge=0, le=19, description="Nice value of the inference threads (Linux). Above 0 the event loop gets "
         "the CPU first whenever it has work (new requests, /health, refusing a flood) and inference uses what "
         "is left, which keeps /health fast under overload on small machines; 0 treats them alike.")
+    direct_routes: bool = Field(
+        True, description="Serve the hot POST routes (/embed, /v1/embeddings, the rerank and classify routes) "
+        "without the web framework's router and dependency machinery: same handlers, responses and errors, "
+        "less event-loop time per request. Off routes everything through the framework (it is always off "
+        "with --otlp-endpoint, whose tracing instruments the framework's routes).")
     cors_allow_origin: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed to call from browsers (comma-separated; * for any). "
         "Empty: no CORS headers, so browsers on other origins cannot call the server.")

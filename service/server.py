@@ -31,7 +31,7 @@ def run_server(settings: Settings) -> int:
             SessionConfig(intra_op_threads=settings.intra_op_threads or 0, nice=settings.inference_nice,
                               allow_spinning=settings.allow_spinning),
                 settings.max_batch_tokens,
-            settings.max_batch_requests, warmup=settings.warmup)
+            settings.max_batch_requests, warmup=settings.warmup, engine_workers=settings.engine_workers)
     except StartupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

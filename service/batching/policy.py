@@ -1,9 +1,15 @@
 """Pure batch selection: which queued items form the next forward pass.
 
-The oldest item is always in the next batch (nothing starves). Around it, items of similar length
-are packed while the padded size `longest * count` stays within the token budget, so little compute
-is spent on padding. Only the oldest `lookahead` items are considered, which bounds the cost of a
-decision when the queue is long.
+The oldest request goes first: its items are taken before anyone else's (shortest first, as many as
+fit), because a request is answered only when its last item is done; spreading one request's items
+over many passes delays it by every pass in between. Measured before this rule: eight clients
+reranking 20 documents each saw one request's documents spread over up to eight passes, and a p90
+latency more than twice the median.
+
+Room left in the batch is filled with other queued items of similar length, closest in length first,
+shorter ones (which do not widen the padded batch) before longer ones, while the padded size
+`longest * count` stays within the token budget; so little compute is spent on padding. Only the
+oldest `lookahead` items are considered, which bounds the cost of a decision when the queue is long.
 """
 
 from __future__ import annotations
@@ -12,34 +18,40 @@ from collections.abc import Sequence
 
 
 def select_batch(lengths: Sequence[int], max_batch_tokens: int, max_batch_requests: int | None,
-                 lookahead: int = 512) -> list[int]:
+                 lookahead: int = 512, groups: Sequence[int] | None = None) -> list[int]:
     """Return positions (into `lengths`, in queue order) of the items to run next.
 
-    `lengths[0]` is the oldest item. An item longer than the whole budget runs alone.
+    `lengths[0]` is the oldest item; `groups[i]` names the request of item i (without `groups`, every
+    item is its own request). An item longer than the whole budget runs alone.
     """
     if not lengths:
         return []
     limit = max_batch_requests or len(lengths)
     window = min(len(lengths), lookahead)
-    order = sorted(range(window), key=lambda position: (lengths[position], position))
-    anchor = order.index(0)
-    low = high = anchor
-    longest = lengths[0]
+    oldest = [position for position in range(window) if groups is not None and groups[position] == groups[0]]
+    oldest = sorted(oldest or [0], key=lambda position: (lengths[position], position))
 
-    def fits(count: int, longest_length: int) -> bool:
-        return count <= limit and count * longest_length <= max_batch_tokens
+    chosen: list[int] = []
+    longest = 0
+    for position in oldest:
+        width = max(longest, lengths[position])
+        if chosen and (len(chosen) + 1 > limit or (len(chosen) + 1) * width > max_batch_tokens):
+            return sorted(chosen)  # the oldest request fills this batch by itself
+        chosen.append(position)
+        longest = width
 
-    while True:
-        count = high - low + 1
-        grown = False
-        # Shorter neighbours never raise the padded width: take them first.
-        if low > 0 and fits(count + 1, longest):
-            low -= 1
-            grown = True
-        elif high + 1 < window and fits(count + 1, max(longest, lengths[order[high + 1]])):
-            high += 1
-            longest = max(longest, lengths[order[high]])
-            grown = True
-        if not grown:
+    taken = set(chosen)
+    others = sorted((position for position in range(window) if position not in taken),
+                    key=lambda position: (lengths[position], position))
+    # Split the others at the padded width: those no longer (closest first), then longer ones (shortest first).
+    split = next((index for index, position in enumerate(others) if lengths[position] > longest), len(others))
+    for position in reversed(others[:split]):
+        if len(chosen) + 1 > limit or (len(chosen) + 1) * longest > max_batch_tokens:
+            return sorted(chosen)
+        chosen.append(position)
+    for position in others[split:]:
+        width = lengths[position]
+        if len(chosen) + 1 > limit or (len(chosen) + 1) * width > max_batch_tokens:
             break
-    return sorted(order[low:high + 1])
+        chosen.append(position)
+    return sorted(chosen)

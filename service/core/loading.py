@@ -6,12 +6,14 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from service.core.manifest import MANIFEST_FILE, ManifestError, load_manifest
 from service.core.registry import ModelRegistry, ServedModel
 from service.engines.bundle import BundleModel
-from service.engines.ort_engine import EngineError, SessionConfig, cuda_available
+from service.engines.layout import thread_layout
+from service.engines.ort_engine import EngineError, SessionConfig, cuda_available, default_intra_op_threads
 from service.engines.tokenizer import TokenizedItem
 
 logger = logging.getLogger("embedrank.loading")
@@ -106,7 +108,7 @@ def warm_up(model: ServedModel, max_batch_tokens: int, max_batch_requests: int |
 
 def load_models(model_ids: list[str], served_names: list[str], models_dir: Path, device: str, dtype: str,
                 session_config: SessionConfig, max_batch_tokens: int, max_batch_requests: int | None,
-                warmup: bool = True) -> ModelRegistry:
+                warmup: bool = True, engine_workers: int | None = None) -> ModelRegistry:
     """Load every model (batchers are started by the app, which owns the metrics)."""
     if not model_ids:
         raise StartupError("no model to serve: pass --model-id models/NAME (or set MODEL_ID)")
@@ -122,22 +124,25 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
         except OSError as error:
             raise StartupError(f"cannot read {model_id}: {error.strerror} ({error.filename})") from None
         variant = choose_variant(list(manifest.variants), dtype, chosen_device, directory)
+        layout = thread_layout(variant, chosen_device, default_intra_op_threads(),
+                               session_config.intra_op_threads or None, engine_workers)
         if chosen_device == "cuda" and dtype == "auto" and variant != "float16":
             logger.info("%s has no float16 variant; running float32 on CUDA", directory)
         try:
             bundle = BundleModel(directory, variant=variant, device=chosen_device,  # type: ignore[arg-type]
-                                 session_config=session_config, manifest=manifest)
+                                 session_config=replace(session_config, intra_op_threads=layout.intra_op_threads),
+                                 manifest=manifest)
         except (EngineError, KeyError, ValueError, OSError) as error:
             raise StartupError(f"cannot load {directory}: {error}") from None
         name = served_names[position] if served_names else manifest.name
-        model = ServedModel(name=name, bundle=bundle, variant=variant, device=chosen_device,
+        model = ServedModel(name=name, bundle=bundle, variant=variant, device=chosen_device, layout=layout,
                             aliases=[alias for alias in {manifest.name, str(model_id), manifest.source.get("id")}
                                      if alias and alias != name])
         if any(existing.name == name for existing in served):
             raise StartupError(f"two models are served as '{name}'; use --served-model-name to tell them apart")
         if warmup:
             warm_up(model, max_batch_tokens, max_batch_requests)
-        logger.info("serving %s (%s, %s %s) from %s, ready in %.2fs", name, manifest.task, chosen_device, variant,
-                    directory, time.perf_counter() - started)
+        logger.info("serving %s (%s, %s %s; %s) from %s, ready in %.2fs", name, manifest.task, chosen_device,
+                    variant, layout.describe(), directory, time.perf_counter() - started)
         served.append(model)
     return ModelRegistry(served)

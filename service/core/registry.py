@@ -12,6 +12,7 @@ import numpy as np
 from service.batching.batcher import BatchStats, DynamicBatcher
 from service.core.manifest import Manifest
 from service.engines.bundle import BundleModel
+from service.engines.layout import ThreadLayout
 from service.engines.tokenizer import TokenizedItem
 from service.errors import ApiError, ErrorKind
 
@@ -32,6 +33,7 @@ class ServedModel:
     aliases: list[str] = field(default_factory=list)
     batcher: DynamicBatcher | None = None
     in_flight: int = 0
+    layout: ThreadLayout | None = None  # how its engine was set up to use the CPU (None: not chosen here)
 
     @property
     def manifest(self) -> Manifest:
@@ -68,9 +70,10 @@ class ServedModel:
         return results
 
     def start(self, max_batch_tokens: int, max_batch_requests: int | None, on_batch: Any = None,
-              workers: int = 1, nice: int = 0) -> None:
+              workers: int = 1, nice: int = 0, overlap_tokens: int = 256, target_tokens: int | None = None) -> None:
         self.batcher = DynamicBatcher(self.name, self.run_batch, max_batch_tokens, max_batch_requests, on_batch,
-                                      workers=workers, nice=nice)
+                                      workers=workers, nice=nice, overlap_tokens=overlap_tokens,
+                                      target_tokens=target_tokens)
 
     def stop(self) -> None:
         if self.batcher is not None:

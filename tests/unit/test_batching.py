@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -33,6 +34,28 @@ def test_policy_groups_similar_lengths() -> None:
     assert sorted(lengths[i] for i in chosen) == [48, 49, 50]
     short_first = select_batch([5, 50, 6, 48, 7], max_batch_tokens=3 * 50, max_batch_requests=None)
     assert sorted(short_first) == [0, 2, 4]
+
+
+def test_policy_serves_the_oldest_request_first() -> None:
+    # Request A (items 0-2, long) came first; B's short items (3-6) must not push A's out of the batch.
+    lengths = [90, 95, 100, 10, 11, 12, 13]
+    groups = [1, 1, 1, 2, 2, 2, 2]
+    chosen = select_batch(lengths, max_batch_tokens=400, max_batch_requests=None, groups=groups)
+    assert {0, 1, 2} <= set(chosen)
+    assert max(lengths[i] for i in chosen) * len(chosen) <= 400
+    # Without request identities the short neighbours of the oldest item win, as before.
+    assert set(select_batch(lengths, max_batch_tokens=400, max_batch_requests=None)) == {0, 4, 5, 6}
+    # A request larger than the budget runs alone, shortest items first, the rest next time.
+    chosen = select_batch([30, 10, 20, 40, 5], max_batch_tokens=60, max_batch_requests=None,
+                          groups=[1, 1, 1, 1, 2])
+    assert chosen == [1, 2, 4] or chosen == [1, 2]
+    assert set(chosen) - {4} == {1, 2}
+
+
+def test_policy_fills_the_rest_with_similar_lengths() -> None:
+    lengths = [50, 60, 5, 49, 48, 6]
+    chosen = select_batch(lengths, max_batch_tokens=4 * 60, max_batch_requests=None, groups=[1, 1, 2, 3, 4, 5])
+    assert sorted(lengths[i] for i in chosen) == [48, 49, 50, 60]
 
 
 class Recorder:
@@ -108,6 +131,54 @@ def test_cancelled_requests_are_dropped_from_the_queue() -> None:
     assert [7] not in recorder.batches
 
 
+def test_wide_batches_never_overlap_even_while_announced_requests_are_awaited() -> None:
+    """Two workers, small-overlap layout: while one worker waits for announced requests, the other must
+    see a pass in progress (before, both formed full batches at once)."""
+    running = [0]
+    most = [0]
+    lock = threading.Lock()
+    sizes: list[int] = []
+
+    def runner(items: list[TokenizedItem], tags: list[str]) -> list[Any]:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            sizes.append(len(items))
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return [0] * len(items)
+
+    batcher = DynamicBatcher("t", runner, max_batch_tokens=4096, max_batch_requests=None, workers=2,
+                             overlap_tokens=64, max_wait_seconds=0.05)
+
+    async def scenario() -> None:
+        for _ in range(4):
+            batcher.announce()
+        waits = []
+        for _ in range(4):
+            await asyncio.sleep(0.01)
+            waits.append(batcher.submit([item(100, marker=2) for _ in range(5)], announced=True).future)
+        await asyncio.gather(*waits)
+
+    for _ in range(3):
+        asyncio.run(scenario())
+    batcher.stop()
+    assert most[0] == 1, f"wide batches overlapped (batch sizes {sizes})"
+
+
+def test_target_tokens_bound_batches_while_more_is_queued() -> None:
+    recorder = Recorder()
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=10_000, max_batch_requests=None, target_tokens=100)
+
+    async def scenario() -> list[Any]:
+        return await batcher.submit([item(10, marker=1) for _ in range(35)]).future
+
+    assert len(asyncio.run(scenario())) == 35
+    batcher.stop()
+    assert [len(batch) for batch in recorder.batches] == [10, 10, 10, 5]
+
+
 def test_stopped_batcher_refuses_new_work() -> None:
     batcher = DynamicBatcher("t", Recorder(), max_batch_tokens=10, max_batch_requests=None)
     batcher.stop()
@@ -117,3 +188,15 @@ def test_stopped_batcher_refuses_new_work() -> None:
 
     with pytest.raises(ApiError):
         asyncio.run(scenario())
+
+
+def test_thread_layout_per_variant() -> None:
+    from service.engines.layout import SMALL_OVERLAP_TOKENS, ThreadLayout, thread_layout
+
+    assert thread_layout("float32", "cpu", 2) == ThreadLayout(2, 2, SMALL_OVERLAP_TOKENS)
+    assert thread_layout("int8", "cpu", 2) == ThreadLayout(1, 2, None)
+    assert thread_layout("int8", "cpu", 16) == ThreadLayout(8, 2, None)
+    assert thread_layout("float16", "cuda", 8) == ThreadLayout(8, 2, SMALL_OVERLAP_TOKENS)
+    assert thread_layout("float32", "cpu", 2, intra_op_threads=1) == ThreadLayout(1, 2, None)
+    assert thread_layout("float32", "cpu", 2, workers=1) == ThreadLayout(2, 1, None)
+    assert thread_layout("int8", "cpu", 1) == ThreadLayout(1, 1, None)

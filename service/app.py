@@ -226,7 +226,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
             models = load_models(
                 settings.model_id, settings.served_model_name, settings.models_dir, settings.device, settings.dtype,
                 SessionConfig(intra_op_threads=settings.intra_op_threads or 0, nice=settings.inference_nice,
-                              allow_spinning=settings.allow_spinning),
+                              allow_spinning=settings.allow_spinning,
+                              spin_microseconds=settings.spin_microseconds),
                 settings.max_batch_tokens,
                 settings.max_batch_requests, warmup=settings.warmup, engine_workers=settings.engine_workers)
         start_batchers(models)

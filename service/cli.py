@@ -31,6 +31,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--tokenization-workers", "tokenization_workers", int, "threads tokenizing large requests"),
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per pass (default: cores; int8: half)"),
     ("--engine-workers", "engine_workers", int, "forward passes run at once per model (default 2)"),
+    ("--spin-microseconds", "spin_microseconds", int, "bound on ONNX Runtime's spinning between operators (0)"),
     ("--inference-nice", "inference_nice", int, "nice value of inference threads (event loop first)"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
     ("--otlp-endpoint", "otlp_endpoint", str, "OpenTelemetry collector for request spans (OTLP gRPC)"),

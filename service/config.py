@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         False, description="Let ONNX Runtime's threads spin while waiting for work between operators. Faster "
         "forward passes when the machine has nothing else to do; on small machines spinning threads take the "
         "CPU the event loop needs to parse, tokenize and answer, so it is off by default.")
+    spin_microseconds: int = Field(
+        0, ge=0, le=100_000, description="Let ONNX Runtime's threads spin for at most this many microseconds "
+        "between operators (0: as --allow-spinning says). A bounded spin keeps most of the latency gain of "
+        "spinning at a smaller cost: measured here with 50, a lone request answered 0.56 ms sooner and 32 "
+        "single-text clients got 11% less throughput.")
     inference_nice: int = Field(
         5, ge=0, le=19, description="Nice value of the inference threads (Linux). Above 0 the event loop gets "
         "the CPU first whenever it has work (new requests, /health, refusing a flood) and inference uses what "

@@ -29,7 +29,8 @@ def run_server(settings: Settings) -> int:
         registry = ModelRegistry([]) if generation_only else load_models(
             settings.model_id, settings.served_model_name, settings.models_dir, settings.device, settings.dtype,
             SessionConfig(intra_op_threads=settings.intra_op_threads or 0, nice=settings.inference_nice,
-                              allow_spinning=settings.allow_spinning),
+                              allow_spinning=settings.allow_spinning,
+                              spin_microseconds=settings.spin_microseconds),
                 settings.max_batch_tokens,
             settings.max_batch_requests, warmup=settings.warmup, engine_workers=settings.engine_workers)
     except StartupError as error:

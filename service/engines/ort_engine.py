@@ -39,13 +39,15 @@ class SessionConfig:
     `arena_extend_strategy=kSameAsRequested` it grows only by what is asked for, which keeps RSS close
     to the largest batch seen instead of doubling. ONNX Runtime's worker threads spin between
     operators by default; in a server that burns the CPU the event loop needs to feed the next batch,
-    so spinning is off unless asked for.
+    so spinning is off unless asked for; `spin_microseconds` bounds each spin, which keeps most of the
+    latency gain at a smaller cost.
     """
 
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     nice: int = 0
     allow_spinning: bool = False
+    spin_microseconds: int = 0  # > 0: spin at most this long between operators (implies spinning)
     memory_pattern: bool = False
     cpu_arena: bool = True
     cuda_device_id: int = 0
@@ -100,7 +102,10 @@ class OrtEngine:
         options.enable_mem_pattern = config.memory_pattern
         options.enable_cpu_mem_arena = config.cpu_arena
         options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
+        spinning = config.allow_spinning or config.spin_microseconds > 0
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if config.spin_microseconds:
+            options.add_session_config_entry("session.intra_op.spin_duration_us", str(config.spin_microseconds))
         providers: list[Any]
         if device == "cuda":
             if "CUDAExecutionProvider" not in available_providers():
@@ -134,6 +139,13 @@ class OrtEngine:
                             if name in session_inputs]
         self.output_name = output_name
         self.model_path = model_path
+
+    def session_config_entry(self, key: str) -> str:
+        """A session option as ONNX Runtime holds it (empty when unset)."""
+        try:
+            return str(self._session.get_session_options().get_session_config_entry(key))
+        except Exception:  # onnxruntime raises its own error type for an unset key
+            return ""
 
     @property
     def providers(self) -> list[str]:

@@ -144,3 +144,4 @@ def test_direct_lane_is_off_with_tracing() -> None:
     traced = create_app(Settings(otlp_endpoint="http://127.0.0.1:9"), ModelRegistry([]))
     assert DirectRoutes not in layers(traced)
     traced.state.tracer_provider.shutdown()
+

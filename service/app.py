@@ -22,11 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import service
 from service.config import Settings
 from service.core.embed import Limits
-from service.core.loading import load_models
+from service.core.loading import load_configured
 from service.core.registry import ModelRegistry, batch_observer
 from service.deps import ITEMS_HEADER
 from service.engines.layout import thread_layout
-from service.engines.ort_engine import SessionConfig, default_intra_op_threads
+from service.engines.ort_engine import default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
 from service.observability import REQUEST_ID, Metrics
 from service.proxy.forward import ROUTES as LLM_ROUTES
@@ -223,13 +223,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
         if models is None and not settings.model_id and proxy is not None:
             models = ModelRegistry([])  # a generation-only server
         if models is None:
-            models = load_models(
-                settings.model_id, settings.served_model_name, settings.models_dir, settings.device, settings.dtype,
-                SessionConfig(intra_op_threads=settings.intra_op_threads or 0, nice=settings.inference_nice,
-                              allow_spinning=settings.allow_spinning,
-                              spin_microseconds=settings.spin_microseconds),
-                settings.max_batch_tokens,
-                settings.max_batch_requests, warmup=settings.warmup, engine_workers=settings.engine_workers)
+            models = load_configured(settings)
         start_batchers(models)
         app.state.registry = models
         if proxy is not None:

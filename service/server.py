@@ -17,22 +17,15 @@ def run_server(settings: Settings) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.core.loading import load_models
+    from service.core.loading import load_configured
     from service.core.registry import ModelRegistry
-    from service.engines.ort_engine import SessionConfig
     from service.observability import configure_logging
     from service.proxy.upstreams import UpstreamConfigError
 
     configure_logging(settings.log_level, settings.json_output)
     generation_only = not settings.model_id and bool(settings.llm or settings.llm_config)
     try:
-        registry = ModelRegistry([]) if generation_only else load_models(
-            settings.model_id, settings.served_model_name, settings.models_dir, settings.device, settings.dtype,
-            SessionConfig(intra_op_threads=settings.intra_op_threads or 0, nice=settings.inference_nice,
-                              allow_spinning=settings.allow_spinning,
-                              spin_microseconds=settings.spin_microseconds),
-                settings.max_batch_tokens,
-            settings.max_batch_requests, warmup=settings.warmup, engine_workers=settings.engine_workers)
+        registry = ModelRegistry([]) if generation_only else load_configured(settings)
     except StartupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -29,15 +29,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.batching.policy import select_batch
+from service.batching.policy import LOOKAHEAD_LIMIT, select_batch
 from service.engines.priority import lower_thread_priority
 from service.engines.tokenizer import TokenizedItem
 from service.errors import ApiError, ErrorKind
 
 logger = logging.getLogger("embedrank.batcher")
-
-# At most this many queued items are considered for the next batch (bounds the cost of a decision).
-LOOKAHEAD_LIMIT = 512
 
 # Runs one forward pass: the items' tokens and, per item, the tag its request was submitted with.
 BatchRunner = Callable[[list[TokenizedItem], list[str]], Sequence[Any]]

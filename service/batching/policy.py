@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# At most this many queued items are considered for the next batch (bounds the cost of a decision).
+LOOKAHEAD_LIMIT = 512
+
 
 def select_batch(lengths: Sequence[int], max_batch_tokens: int, max_batch_requests: int | None,
-                 lookahead: int = 512, groups: Sequence[int] | None = None) -> list[int]:
+                 lookahead: int = LOOKAHEAD_LIMIT, groups: Sequence[int] | None = None) -> list[int]:
     """Return positions (into `lengths`, in queue order) of the items to run next.
 
     `lengths[0]` is the oldest item; `groups[i]` names the request of item i (without `groups`, every

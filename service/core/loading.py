@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.core.manifest import MANIFEST_FILE, ManifestError, load_manifest
 from service.core.registry import ModelRegistry, ServedModel
@@ -15,6 +16,9 @@ from service.engines.bundle import BundleModel
 from service.engines.layout import thread_layout
 from service.engines.ort_engine import EngineError, SessionConfig, cuda_available, default_intra_op_threads
 from service.engines.tokenizer import TokenizedItem
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 logger = logging.getLogger("embedrank.loading")
 
@@ -146,3 +150,12 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
                     variant, layout.describe(), directory, time.perf_counter() - started)
         served.append(model)
     return ModelRegistry(served)
+
+
+def load_configured(settings: Settings) -> ModelRegistry:
+    """`load_models` with the server's settings."""
+    config = SessionConfig(intra_op_threads=settings.intra_op_threads or 0, nice=settings.inference_nice,
+                           allow_spinning=settings.allow_spinning, spin_microseconds=settings.spin_microseconds)
+    return load_models(settings.model_id, settings.served_model_name, settings.models_dir, settings.device,
+                       settings.dtype, config, settings.max_batch_tokens, settings.max_batch_requests,
+                       warmup=settings.warmup, engine_workers=settings.engine_workers)

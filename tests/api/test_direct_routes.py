@@ -145,3 +145,30 @@ def test_direct_lane_is_off_with_tracing() -> None:
     assert DirectRoutes not in layers(traced)
     traced.state.tracer_provider.shutdown()
 
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_lane_bypasses_the_router_except_for_errors(models: list[ServedModel], direct: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The framework's route handling runs only when the lane is off, or for a body that fails validation."""
+    from fastapi.routing import APIRoute
+
+    handled: list[str] = []
+    original = APIRoute.handle
+
+    async def counting(self: APIRoute, scope: Any, receive: Any, send: Any) -> None:
+        handled.append(self.path)
+        await original(self, scope, receive, send)
+
+    monkeypatch.setattr(APIRoute, "handle", counting)
+    with client_for(models, direct_routes=direct) as client:
+        assert client.post("/embed", json={"inputs": "a"}).status_code == 200
+        assert client.post("/v1/embeddings", json={"model": "tiny-bge", "input": "a"}).status_code == 200
+        assert client.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 200
+        framework_before_error = list(handled)
+        assert client.post("/embed", json={"inputs": 5}).status_code == 422
+    if direct:
+        assert framework_before_error == []
+        assert handled == ["/embed"]  # the invalid body was handed to the framework for its error
+    else:
+        assert framework_before_error == ["/embed", "/v1/embeddings", "/rerank"]

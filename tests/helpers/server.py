@@ -39,6 +39,17 @@ def wait_until_up(process: subprocess.Popen[bytes], url: str, log: Path, timeout
         time.sleep(0.05)
 
 
+def spawn_logged(command: list[str], log_dir: Path, name: str,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start `command` with stdout and stderr going to `log_dir/name.log`; return the process and log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+    return process, log
+
+
 @dataclass
 class RunningServer:
     url: str
@@ -53,12 +64,8 @@ class RunningServer:
 def running_server(args: list[str], log_dir: Path, env: dict[str, str] | None = None,
                    ready_timeout: float = 60.0) -> Iterator[RunningServer]:
     port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"server-{port}.log"
     command = [sys.executable, "-m", "service.cli", "serve", "--hostname", "127.0.0.1", "--port", str(port), *args]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
+    process, log = spawn_logged(command, log_dir, f"server-{port}", env)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log)
     try:
         wait_until_up(process, server.url + "/health", log, ready_timeout)

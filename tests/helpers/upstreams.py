@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.server import free_port, wait_until_up
+from tests.helpers.server import free_port, spawn_logged, wait_until_up
 
 HELPERS = Path(__file__).parent
 ROOT = HELPERS.parents[1]
@@ -36,10 +36,7 @@ class Upstream:
 
 @contextmanager
 def _process(command: list[str], port: int, log_dir: Path, timeout: float) -> Iterator[Upstream]:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"upstream-{port}.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    process, log = spawn_logged(command, log_dir, f"upstream-{port}")
     upstream = Upstream(f"http://127.0.0.1:{port}/v1", process, log)
     try:
         wait_until_up(process, upstream.url + "/models", log, timeout)

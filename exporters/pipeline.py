@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 import exporters
-from exporters import onnx_export, probes, quantize, validate
+from exporters import onnx_export, probes, validate
 from exporters.atomic import staged_directory
 from exporters.errors import ExportFailure, ExportInputError
+from exporters.int8_search import Int8Search
 from exporters.resolve import SourceModel, resolve
 from service.core.manifest import (
     DenseLayer,
@@ -175,7 +176,7 @@ class _Exporter:
                              opset=0, graph_optimization=optimization, parity={}, bars=bars, passed=False)
             model = self.load(self.manifest_for(source, bundle, {variant: record}, tokenizer_file, dense),
                               bundle, variant, model_file=path)
-            candidate = self._outputs(model, inputs)
+            candidate = validate.model_outputs(model, inputs)
             metrics = (validate.embedding_parity(candidate, reference) if source.task == "embed"
                        else validate.score_parity(candidate, reference))
             ok = validate.passes(metrics, bars)
@@ -256,76 +257,21 @@ class _Exporter:
 
     def _int8(self, source: SourceModel, raw: Path, bundle: Path, scratch: Path, fp32_model: BundleModel,
               tokenizer_file: Path, dense: list[DenseLayer], variants: dict[str, Variant]) -> None:
-        features = quantize.cpu_features()
-        reduce_range = quantize.reduce_range_for(features)
-        ffn = quantize.ffn_output_matmuls(raw, source.hidden_size)
-        corpus = probes.retrieval_corpus()
-        eval_inputs: list[TextOrPair]
-        if source.task == "rerank":
-            eval_inputs = [(query, passage) for query in corpus.queries[:10] for passage in corpus.passages[:30]]
-        else:
-            eval_inputs = [*corpus.passages, *corpus.queries]
-        baseline = self._outputs(fp32_model, eval_inputs)
-        speed_texts: list[TextOrPair] = eval_inputs[:32]
         bars = validate.bars_for("int8", source.task, self.options.bar_overrides)
-        tried: list[dict[str, Any]] = []
-        best: tuple[Path, dict[str, float], quantize.QuantCandidate] | None = None
-        for index, candidate in enumerate(quantize.candidates(ffn)):
-            path = scratch / f"int8_{index}.onnx"
-            quantize.quantize(raw, path, candidate, reduce_range)
-            record = Variant(file=path.name, sha256="", size_bytes=path.stat().st_size, precision="int8", opset=0,
-                             graph_optimization="none", parity={}, bars=bars, passed=False)
-            model = self.load(self.manifest_for(source, bundle, {"int8": record}, tokenizer_file, dense),
-                              bundle, "int8", model_file=path)
-            outputs = self._outputs(model, eval_inputs)
-            if source.task == "embed":
-                metrics = validate.embedding_parity(outputs, baseline)
-                metrics["top10_overlap"] = validate.top_k_overlap(outputs, baseline, len(corpus.passages))
-            else:
-                metrics = {"spearman": validate.spearman(outputs.ravel(), baseline.ravel())}
-            metrics["speedup"] = validate.throughput_ratio(model, fp32_model, speed_texts)
-            tried.append({**candidate.describe(), **{k: round(v, 5) for k, v in metrics.items()}})
-            self.progress.note(f"int8 {candidate.name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            meets_bar = validate.passes(metrics, bars)
-            target = {k: v for k, v in validate.INT8_TARGET.items()
-                      if source.task == "embed" or k == "speedup"}
-            meets_target = meets_bar and validate.passes(metrics, target)
-            if best is None or self._better(metrics, best[1], bars):
-                best = (path, metrics, candidate)
-            if meets_target:
-                best = (path, metrics, candidate)
-                break
-        assert best is not None
-        path, metrics, candidate = best
+
+        def load_int8(path: Path) -> BundleModel:
+            record = Variant(file=path.name, sha256="", size_bytes=path.stat().st_size, precision="int8",
+                             opset=0, graph_optimization="none", parity={}, bars=bars, passed=False)
+            return self.load(self.manifest_for(source, bundle, {"int8": record}, tokenizer_file, dense),
+                             bundle, "int8", model_file=path)
+
+        search = Int8Search(source, raw, scratch, fp32_model, load_int8, bars, self.progress.note)
+        path, metrics = search.run()
         final = bundle / "model_int8.onnx"
         shutil.copyfile(path, final)
-        passed = validate.passes(metrics, bars)
-        record = self.variant_record(final, "int8", "none", metrics, bars, passed)
-        record.quantization = {
-            "method": "dynamic", "weights": "int8 per-channel" if candidate.per_channel else "int8 per-tensor",
-            "activations": "uint8 per-tensor (dynamic)", "reduce_range": reduce_range, "cpu_features": features,
-            "chosen": candidate.name, "fp32_nodes": candidate.keep_fp32_nodes,
-            "target": validate.INT8_TARGET, "target_met": validate.passes(metrics, validate.INT8_TARGET)
-            if source.task == "embed" else validate.passes(metrics, {"speedup": 1.6}),
-            "corpus": {"passages": len(corpus.passages), "queries": len(corpus.queries),
-                       "fingerprint": corpus.fingerprint, "origin": "Python standard library docstrings"},
-            "candidates": tried,
-        }
+        record = self.variant_record(final, "int8", "none", metrics, bars, validate.passes(metrics, bars))
+        record.quantization = search.record(metrics)
         self._admit("int8", record, final, variants)
-
-    @staticmethod
-    def _better(metrics: dict[str, float], other: dict[str, float], bars: dict[str, float]) -> bool:
-        """Prefer passing the bar, then a fast-enough candidate, then accuracy."""
-        def key(values: dict[str, float]) -> tuple[bool, bool, float]:
-            accuracy = values.get("top10_overlap", values.get("spearman", 0.0)) + values.get("mean_cosine", 0.0)
-            return validate.passes(values, bars), values.get("speedup", 0.0) >= 1.6, accuracy
-        return key(metrics) > key(other)
-
-    @staticmethod
-    def _outputs(model: BundleModel, inputs: list[TextOrPair]) -> np.ndarray:
-        if model.task == "embed":
-            return model.embed([str(text) for text in inputs])
-        return model.logits(inputs)
 
     @staticmethod
     def _write_dense(source: SourceModel, bundle: Path) -> list[DenseLayer]:

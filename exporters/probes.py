@@ -1,18 +1,19 @@
 """Fixed probe inputs for verification, and the retrieval corpus for int8 accuracy.
 
-The corpus is built from the documentation strings of Python's standard library: real English prose
-on many topics, available offline and deterministic for a given Python version. Its fingerprint is
-recorded in the manifest next to the numbers measured on it.
+The corpus is built from the documentation strings in the Python standard library's source files:
+real English prose on many topics, available offline and deterministic for a given Python version,
+whatever else the process has imported. Its fingerprint is recorded in the manifest next to the
+numbers measured on it.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib
-import inspect
+import importlib.util
 import random
-import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 ENGLISH = [
     "What is the capital of France?",
@@ -80,25 +81,34 @@ class RetrievalCorpus:
     fingerprint: str
 
 
+def _source_docstrings(module_name: str) -> list[str]:
+    """Docstrings of a standard-library module read from its source file (module, classes, functions).
+
+    Reading the source rather than the live objects keeps the corpus independent of the process:
+    submodules appear as attributes once anything imports them, and packages patch functions in.
+    Modules written in C have no source file and contribute nothing.
+    """
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return []
+    origin = spec.origin if spec else None
+    if not origin or not origin.endswith(".py"):
+        return []
+    try:
+        tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return []
+    nodes = [tree, *(node for node in ast.walk(tree)
+                     if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))]
+    return [doc for node in nodes if (doc := ast.get_docstring(node, clean=True))]
+
+
 def _paragraphs() -> list[str]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # touching deprecated attributes of some modules warns
-        return _collect_paragraphs()
-
-
-def _collect_paragraphs() -> list[str]:
     seen: set[str] = set()
     found: list[str] = []
     for module_name in _CORPUS_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except Exception:  # an optional stdlib module may be missing on some builds
-            continue
-        objects = [module] + [getattr(module, attr, None) for attr in sorted(dir(module)) if not attr.startswith("_")]
-        for obj in objects:
-            doc = inspect.getdoc(obj) if obj is not None else None
-            if not doc:
-                continue
+        for doc in _source_docstrings(module_name):
             for paragraph in doc.split("\n\n"):
                 text = " ".join(paragraph.split())
                 letters = sum(character.isalpha() for character in text)
@@ -109,12 +119,30 @@ def _collect_paragraphs() -> list[str]:
     return found
 
 
-def retrieval_corpus(passages: int = 1000, queries: int = 50) -> RetrievalCorpus:
+def _shuffled_paragraphs() -> list[str]:
     paragraphs = sorted(_paragraphs())
     random.Random(1234).shuffle(paragraphs)
+    return paragraphs
+
+
+def retrieval_corpus(passages: int = 1000, queries: int = 50) -> RetrievalCorpus:
+    paragraphs = _shuffled_paragraphs()
     if len(paragraphs) < passages + queries:
         raise RuntimeError(f"only {len(paragraphs)} corpus paragraphs available")
     corpus_passages = paragraphs[:passages]
     corpus_queries = [text.split(". ")[0] for text in paragraphs[passages:passages + queries]]
     digest = hashlib.sha256("\n".join(corpus_passages + corpus_queries).encode()).hexdigest()[:16]
     return RetrievalCorpus(corpus_passages, corpus_queries, digest)
+
+
+def calibration_texts(count: int = 200, after: int = 1050) -> list[str]:
+    """Texts for int8 calibration: the probes plus corpus paragraphs that are neither passages nor
+    queries of the default retrieval corpus, so accuracy is never measured on what was calibrated on."""
+    extra = _shuffled_paragraphs()[after:after + count]
+    return probe_texts() + extra
+
+
+def calibration_pairs(count: int = 200, after: int = 1050) -> list[tuple[str, str]]:
+    """Query/passage pairs for calibrating cross-encoders, from the same held-out paragraphs."""
+    extra = _shuffled_paragraphs()[after:after + count + 1]
+    return probe_pairs() + [(extra[i + 1].split(". ")[0], extra[i]) for i in range(len(extra) - 1)]

@@ -1,28 +1,66 @@
-"""int8 dynamic quantization: a search over configurations against an accuracy budget.
+"""int8 quantization: a search over configurations against an accuracy budget.
 
-Dynamic int8 quantizes activations per tensor at run time. The error concentrates in the FFN
-output projections, whose inputs (GELU outputs) carry outliers, and most in the first layers. The
-candidates therefore keep more and more of those projections in fp32, from fastest to most exact.
-Activation x activation MatMuls (attention scores) always stay fp32 (MatMulConstBOnly).
+Plain dynamic int8 quantizes each MatMul's activations with one scale for the whole tensor (every
+token of every text in the batch). Two kinds of outliers break that:
+
+- LayerNorm outputs (the inputs of the attention projections and the FFN input projection) carry a
+  few channels that are much larger than the rest, because of LayerNorm's learned gain. Smoothing
+  (SmoothQuant) divides each such channel by a factor and multiplies the matching weight rows by it:
+  exact in fp32, and it moves the spread from the activations, quantized per tensor, into the
+  weights, quantized per output channel. The factors come from activation ranges measured on
+  calibration texts that the accuracy check never sees.
+- GELU outputs (the inputs of the FFN output projection) carry outlier tokens. There the MatMul is
+  quantized blockwise (ONNX Runtime's MatMulNBits with 8-bit weights and int8 compute), which
+  quantizes activations per row and per block of 128 input channels, so one token's outlier no longer
+  flattens every other token.
+
+The candidates go from fastest to most exact; attention-score MatMuls (activation x activation)
+always stay fp32 (MatMulConstBOnly).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from exporters.errors import MissingExtraError
+from service.engines.tokenizer import EncodedBatch
+
+BLOCK_SIZE = 128
+# Smoothing strengths tried for each smoothed candidate; the one whose outputs on the calibration
+# texts agree best with fp32 is used (SmoothQuant's migration strength).
+SMOOTH_ALPHAS = (0.5, 0.6, 0.7)
+_PROTOBUF_LIMIT = 2_000_000_000
 
 
 @dataclass
 class QuantCandidate:
     name: str
-    per_channel: bool
-    keep_fp32_nodes: list[str] = field(default_factory=list)
+    per_channel: bool = True
+    smooth_alpha: float | None = None  # smoothing strength for LayerNorm-fed MatMuls; None: no smoothing
+    alpha_choices: tuple[float, ...] = ()  # strengths to choose smooth_alpha from on calibration texts
+    blockwise_nodes: list[str] = field(default_factory=list)
+    block_size: int = BLOCK_SIZE
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "per_channel": self.per_channel, "fp32_nodes": len(self.keep_fp32_nodes)}
+        return {"name": self.name, "per_channel": self.per_channel, "smooth_alpha": self.smooth_alpha,
+                "blockwise_nodes": len(self.blockwise_nodes)}
+
+
+@dataclass
+class Projections:
+    """The weight MatMuls of the graph by role, in graph (layer) order."""
+
+    ffn_in: list[str]
+    ffn_out: list[str]
+    all: list[str]
 
 
 def cpu_features() -> dict[str, bool]:
@@ -48,62 +86,206 @@ def reduce_range_for(features: dict[str, bool]) -> bool:
     return not (features.get("avx512_vnni") or features.get("avx_vnni"))
 
 
-def ffn_output_matmuls(model_path: Path, hidden_size: int) -> list[str]:
-    """Names of the FFN down-projection MatMuls, in layer order: weight [intermediate, hidden]."""
+def _onnx() -> Any:
     try:
         import onnx
     except ImportError:
         raise MissingExtraError("onnx") from None
-    model = onnx.load(str(model_path), load_external_data=False)
-    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    names = []
+    return onnx
+
+
+def _weight_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    return {init.name: tuple(init.dims) for init in model.graph.initializer}
+
+
+def _weight_matmuls(model: Any) -> Iterator[tuple[Any, tuple[int, ...]]]:
+    shapes = _weight_shapes(model)
     for node in model.graph.node:
-        if node.op_type != "MatMul" or len(node.input) < 2:
-            continue
-        shape = shapes.get(node.input[1])
-        if shape and len(shape) == 2 and shape[1] == hidden_size and shape[0] > hidden_size:
-            names.append(node.name)
-    return names
+        if node.op_type == "MatMul" and len(node.input) == 2:
+            shape = shapes.get(node.input[1])
+            if shape is not None and len(shape) == 2:
+                yield node, shape
 
 
-def candidates(ffn_outputs: list[str]) -> list[QuantCandidate]:
-    layers = len(ffn_outputs)
-    plan = [QuantCandidate("per-channel", True)]
-    for keep in sorted({1, 2, max(1, layers // 2)}):
-        if keep < layers:
-            plan.append(QuantCandidate(f"per-channel, FFN output fp32 in first {keep} layer(s)", True,
-                                       ffn_outputs[:keep]))
-    plan.append(QuantCandidate("per-channel, all FFN outputs fp32", True, list(ffn_outputs)))
+def projections(model_path: Path, hidden_size: int) -> Projections:
+    """FFN input projections have weights [hidden, intermediate], FFN outputs [intermediate, hidden]."""
+    model = _onnx().load(str(model_path), load_external_data=False)
+    ffn_in, ffn_out, everything = [], [], []
+    for node, (rows, columns) in _weight_matmuls(model):
+        everything.append(node.name)
+        if rows == hidden_size and columns > hidden_size:
+            ffn_in.append(node.name)
+        elif columns == hidden_size and rows > hidden_size:
+            ffn_out.append(node.name)
+    return Projections(ffn_in, ffn_out, everything)
+
+
+def candidates(found: Projections) -> list[QuantCandidate]:
+    plan = [QuantCandidate("per-channel")]
+    if found.ffn_out:
+        plan.append(QuantCandidate("smoothed, FFN output blockwise", smooth_alpha=SMOOTH_ALPHAS[0],
+                                   alpha_choices=SMOOTH_ALPHAS, blockwise_nodes=list(found.ffn_out)))
+    if found.ffn_in:
+        plan.append(QuantCandidate("smoothed, FFN input and output blockwise", smooth_alpha=SMOOTH_ALPHAS[0],
+                                   alpha_choices=SMOOTH_ALPHAS, blockwise_nodes=[*found.ffn_in, *found.ffn_out]))
+    plan.append(QuantCandidate("all MatMuls blockwise", blockwise_nodes=list(found.all)))
     return plan
 
 
-def quantize(source: Path, output: Path, candidate: QuantCandidate, reduce_range: bool) -> Path:
-    import logging
+def layernorm_fed_inputs(model: Any) -> dict[str, list[str]]:
+    """Activation tensor -> the weight MatMuls it feeds, for tensors a LayerNormalization produces."""
+    producers = {output: node.op_type for node in model.graph.node for output in node.output}
+    groups: dict[str, list[str]] = {}
+    for node, _ in _weight_matmuls(model):
+        if producers.get(node.input[0]) == "LayerNormalization":
+            groups.setdefault(node.input[0], []).append(node.name)
+    return groups
 
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # quantize_dynamic logs a pre-processing hint through the root logger on every call.
+def activation_ranges(source: Path, batches: Sequence[EncodedBatch]) -> dict[str, NDArray[np.float32]]:
+    """Per-channel max |x| of every LayerNorm output that feeds weight MatMuls, over real tokens.
+
+    The probing copy of the graph is written beside `source`, so large models keep reading their
+    weights from the side file they already have instead of being copied.
+    """
+    import onnxruntime as ort
+
+    onnx = _onnx()
+    model = onnx.load(str(source), load_external_data=False)
+    names = list(layernorm_fed_inputs(model))
+    if not names:
+        return {}
+    existing = {output.name for output in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    probe = source.parent / f"{source.stem}.calibration.onnx"
+    onnx.save(model, str(probe))
+    try:
+        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+        inputs = {node.name for node in session.get_inputs()}
+        ranges: dict[str, NDArray[np.float32]] = {}
+        for batch in batches:
+            arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                      "token_type_ids": batch.token_type_ids}
+            outputs = session.run(names, {key: value for key, value in arrays.items() if key in inputs})
+            real = batch.attention_mask.astype(bool)
+            for name, values in zip(names, outputs, strict=True):
+                channel_max = np.abs(np.asarray(values)[real]).max(axis=0).astype(np.float32)
+                ranges[name] = channel_max if name not in ranges else np.maximum(ranges[name], channel_max)
+        return ranges
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def smooth(model: Any, ranges: dict[str, NDArray[np.float32]], alpha: float, skip: set[str]) -> int:
+    """Fold per-channel smoothing factors into `model` in place; returns how many inputs were smoothed.
+
+    For input x feeding MatMuls with weights W: s_j = max|x_j|^alpha / max|W_j,:|^(1 - alpha), then
+    x is multiplied by 1/s (a new Mul before its MatMuls) and row j of each W by s_j.
+    """
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    nodes = {node.name: node for node in model.graph.node}
+    insertions: list[tuple[Any, Any]] = []
+    for tensor, matmuls in layernorm_fed_inputs(model).items():
+        matmuls = [name for name in matmuls if name not in skip]
+        if tensor not in ranges or not matmuls:
+            continue
+        weights = [numpy_helper.to_array(initializers[nodes[name].input[1]]) for name in matmuls]
+        weight_max = np.max([np.abs(weight).max(axis=1) for weight in weights], axis=0)
+        factors = np.maximum(ranges[tensor], 1e-5) ** alpha / np.maximum(weight_max, 1e-5) ** (1 - alpha)
+        factors = factors.astype(np.float32)
+        inverse = numpy_helper.from_array((1.0 / factors).astype(np.float32), f"{tensor}/smooth_inverse")
+        model.graph.initializer.append(inverse)
+        smoothed = f"{tensor}/smoothed"
+        multiply = onnx.helper.make_node("Mul", [tensor, inverse.name], [smoothed], name=f"{tensor}/Smooth")
+        for name, weight in zip(matmuls, weights, strict=True):
+            node = nodes[name]
+            initializers[node.input[1]].CopyFrom(
+                numpy_helper.from_array((weight * factors[:, None]).astype(np.float32), node.input[1]))
+            node.input[0] = smoothed
+        insertions.append((nodes[matmuls[0]], multiply))
+    # Each Mul goes right before the first MatMul it feeds, which keeps the graph topologically sorted.
+    ordered = list(model.graph.node)
+    for consumer, multiply in insertions:
+        ordered.insert(ordered.index(consumer), multiply)
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return len(insertions)
+
+
+@contextmanager
+def _quiet_quantization() -> Iterator[None]:
+    # The quantization tools log a pre-processing hint and every node through the root logger.
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        _quantize(quantize_dynamic, QuantType, onnx, source, output, candidate, reduce_range)
+        yield
     finally:
         logging.disable(previous)
+
+
+def _blockwise(model: Any, nodes: list[str], block_size: int) -> Any:
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+    except ImportError:
+        raise MissingExtraError("onnx-ir") from None
+    chosen = set(nodes)
+    others = [node.name for node, _ in _weight_matmuls(model) if node.name not in chosen]
+    # accuracy_level 4: int8 compute, activations quantized per row and block at run time.
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=8)
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _save(model: Any, path: Path) -> None:
+    onnx = _onnx()
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    else:
+        onnx.save(model, str(path))
+
+
+def quantize(source: Path, output: Path, candidate: QuantCandidate, reduce_range: bool,
+             ranges: dict[str, NDArray[np.float32]] | None = None) -> Path:
+    """Write the int8 model for `candidate`; `ranges` (from activation_ranges) are needed to smooth."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx = _onnx()
+    with _quiet_quantization():
+        dynamic_source = source
+        if candidate.smooth_alpha is not None or candidate.blockwise_nodes:
+            model = onnx.load(str(source))
+            if candidate.smooth_alpha is not None:
+                if ranges is None:
+                    raise ValueError(f"candidate {candidate.name!r} needs activation ranges to smooth")
+                # Blockwise MatMuls quantize activations per row block: smoothing them gains nothing.
+                smooth(model, ranges, candidate.smooth_alpha, skip=set(candidate.blockwise_nodes))
+            if candidate.blockwise_nodes:
+                model = _blockwise(model, candidate.blockwise_nodes, candidate.block_size)
+            dynamic_source = output.parent / f"{output.stem}.stage.onnx"
+            _save(model, dynamic_source)
+        try:
+            quantize_dynamic(
+                str(dynamic_source),
+                str(output),
+                weight_type=QuantType.QInt8,
+                per_channel=candidate.per_channel,
+                reduce_range=reduce_range,
+                op_types_to_quantize=["MatMul", "Attention"],
+                extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+                # int8 weights of even the largest supported models fit in one protobuf, so no side files.
+                use_external_data_format=False,
+            )
+        finally:
+            if dynamic_source != source:
+                dynamic_source.unlink(missing_ok=True)
+                Path(f"{dynamic_source}.data").unlink(missing_ok=True)
     return output
-
-
-def _quantize(quantize_dynamic: Any, quant_type: Any, onnx: Any, source: Path, output: Path,
-              candidate: QuantCandidate, reduce_range: bool) -> None:
-    quantize_dynamic(
-        str(source),
-        str(output),
-        weight_type=quant_type.QInt8,
-        per_channel=candidate.per_channel,
-        reduce_range=reduce_range,
-        op_types_to_quantize=["MatMul", "Attention"],
-        nodes_to_exclude=candidate.keep_fp32_nodes,
-        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-        # int8 weights of even the largest supported models fit in one protobuf, so no side files.
-        use_external_data_format=False,
-    )

@@ -93,6 +93,13 @@ def torch_reference(source: SourceModel, inputs: Sequence[TextOrPair]) -> FloatA
     return np.asarray(np.concatenate(outputs), dtype=np.float32)
 
 
+def model_outputs(model: BundleModel, inputs: Sequence[TextOrPair]) -> FloatArray:
+    """What a bundle computes for `inputs`: embeddings, or logits for rerankers and classifiers."""
+    if model.task == "embed":
+        return model.embed([str(text) for text in inputs])
+    return model.logits(list(inputs))
+
+
 def cosine_rows(left: FloatArray, right: FloatArray) -> FloatArray:
     left_norm = left / np.clip(np.linalg.norm(left, axis=1, keepdims=True), 1e-12, None)
     right_norm = right / np.clip(np.linalg.norm(right, axis=1, keepdims=True), 1e-12, None)
@@ -109,6 +116,13 @@ def score_parity(candidate: FloatArray, reference: FloatArray) -> dict[str, floa
         "max_abs_diff": float(np.abs(candidate.astype(np.float64) - reference).max()),
         "spearman": spearman(candidate.ravel(), reference.ravel()),
     }
+
+
+def agreement(candidate: FloatArray, reference: FloatArray, task: str) -> float:
+    """One number, higher is closer: mean cosine for embeddings, minus the mean absolute logit error."""
+    if task == "embed":
+        return round(float(cosine_rows(candidate.astype(np.float64), reference.astype(np.float64)).mean()), 7)
+    return round(-float(np.abs(candidate.astype(np.float64) - reference).mean()), 7)
 
 
 def _ranks(values: NDArray[Any]) -> NDArray[np.float64]:

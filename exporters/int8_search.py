@@ -1,0 +1,145 @@
+"""The int8 configuration search: build each candidate, measure it against fp32, keep the first that
+meets the target (else the best that passes the bar), and describe the choice for the manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporters import probes, quantize, validate
+from exporters.errors import ExportFailure
+from exporters.resolve import SourceModel
+from service.engines.bundle import BundleModel
+from service.engines.tokenizer import TextOrPair
+
+CALIBRATION_BATCH = 16
+
+
+class Int8Search:
+    def __init__(self, source: SourceModel, raw: Path, scratch: Path, fp32_model: BundleModel,
+                 load_int8: Callable[[Path], BundleModel], bars: dict[str, float],
+                 note: Callable[[str], None]) -> None:
+        self.source, self.raw, self.scratch = source, raw, scratch
+        self.fp32_model, self.load_int8, self.bars, self.note = fp32_model, load_int8, bars, note
+        self.features = quantize.cpu_features()
+        self.reduce_range = quantize.reduce_range_for(self.features)
+        self.corpus = probes.retrieval_corpus()
+        if source.task == "rerank":
+            passages, queries = self.corpus.passages[:30], self.corpus.queries[:10]
+            self.eval_inputs: list[TextOrPair] = [(query, passage) for query in queries for passage in passages]
+        else:
+            self.eval_inputs = [*self.corpus.passages, *self.corpus.queries]
+        self.calibration: list[TextOrPair] = (list(probes.calibration_texts()) if source.task == "embed"
+                                              else list(probes.calibration_pairs()))
+        self.target = {key: value for key, value in validate.INT8_TARGET.items()
+                       if source.task == "embed" or key == "speedup"}
+        self.tried: list[dict[str, Any]] = []
+        self.chosen: quantize.QuantCandidate | None = None
+        self._ranges: dict[str, Any] | None = None
+        self._calibration_reference: np.ndarray | None = None
+
+    def run(self) -> tuple[Path, dict[str, float]]:
+        """Path and metrics of the chosen int8 model."""
+        baseline = validate.model_outputs(self.fp32_model, self.eval_inputs)
+        best: tuple[Path, dict[str, float], quantize.QuantCandidate] | None = None
+        plan = quantize.candidates(quantize.projections(self.raw, self.source.hidden_size))
+        for index, candidate in enumerate(plan):
+            path = self.scratch / f"int8_{index}.onnx"
+            try:
+                model, choices = self._build(candidate, path)
+            except Exception as error:  # one configuration the tools cannot build is skipped, not fatal
+                self.note(f"int8 {candidate.name}: cannot be built ({type(error).__name__}: {error})")
+                self.tried.append({**candidate.describe(), "error": f"{type(error).__name__}: {error}"[:300]})
+                continue
+            metrics = self._measure(model, baseline)
+            self.tried.append({**candidate.describe(), **{k: round(v, 5) for k, v in metrics.items()},
+                               **({"calibration_agreement_by_alpha": choices} if choices else {})})
+            self.note(f"int8 {candidate.name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if validate.passes(metrics, self.bars) and validate.passes(metrics, self.target):
+                best = (path, metrics, candidate)
+                break
+            if best is None or self._better(metrics, best[1]):
+                best = (path, metrics, candidate)
+        if best is None:
+            raise ExportFailure("no int8 configuration could be built: " + "; ".join(
+                str(entry.get("error")) for entry in self.tried))
+        path, metrics, self.chosen = best
+        return path, metrics
+
+    def _build(self, candidate: quantize.QuantCandidate, path: Path) -> tuple[BundleModel, dict[str, float]]:
+        """The candidate's model; a smoothing strength is chosen on the calibration texts, never on the
+        corpus the accuracy is measured on."""
+        if candidate.smooth_alpha is None:
+            return self._write(candidate, path, None), {}
+        choices: dict[str, float] = {}
+        if len(candidate.alpha_choices) > 1:
+            reference = self._calibration_outputs()
+            for alpha in candidate.alpha_choices:
+                outputs = validate.model_outputs(self._write(candidate, path, alpha), self.calibration)
+                choices[str(alpha)] = validate.agreement(outputs, reference, self.source.task)
+            return self._write(candidate, path, float(max(choices, key=lambda key: choices[key]))), choices
+        return self._write(candidate, path, candidate.smooth_alpha), choices
+
+    def _write(self, candidate: quantize.QuantCandidate, path: Path, alpha: float | None) -> BundleModel:
+        candidate.smooth_alpha = alpha
+        ranges = self._activation_ranges() if alpha is not None else None
+        quantize.quantize(self.raw, path, candidate, self.reduce_range, ranges)
+        return self.load_int8(path)
+
+    def _activation_ranges(self) -> dict[str, Any]:
+        if self._ranges is None:
+            tokenizer = self.fp32_model.tokenizer
+            batches = [tokenizer.pad(tokenizer.encode(self.calibration[start:start + CALIBRATION_BATCH]))
+                       for start in range(0, len(self.calibration), CALIBRATION_BATCH)]
+            self._ranges = quantize.activation_ranges(self.raw, batches)
+        return self._ranges
+
+    def _calibration_outputs(self) -> np.ndarray:
+        if self._calibration_reference is None:
+            self._calibration_reference = validate.model_outputs(self.fp32_model, self.calibration)
+        return self._calibration_reference
+
+    def _measure(self, model: BundleModel, baseline: np.ndarray) -> dict[str, float]:
+        outputs = validate.model_outputs(model, self.eval_inputs)
+        if self.source.task == "embed":
+            metrics = validate.embedding_parity(outputs, baseline)
+            metrics["top10_overlap"] = validate.top_k_overlap(outputs, baseline, len(self.corpus.passages))
+        else:
+            metrics = {"spearman": validate.spearman(outputs.ravel(), baseline.ravel())}
+        metrics["speedup"] = validate.throughput_ratio(model, self.fp32_model, self.eval_inputs[:32])
+        return metrics
+
+    def _better(self, metrics: dict[str, float], other: dict[str, float]) -> bool:
+        """Prefer passing the bar, then a fast-enough candidate, then accuracy."""
+        def key(values: dict[str, float]) -> tuple[bool, bool, float]:
+            accuracy = values.get("top10_overlap", values.get("spearman", 0.0)) + values.get("mean_cosine", 0.0)
+            return (validate.passes(values, self.bars), values.get("speedup", 0.0) >= validate.INT8_TARGET["speedup"],
+                    accuracy)
+        return key(metrics) > key(other)
+
+    def record(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """The manifest's description of the chosen configuration and of everything tried."""
+        candidate = self.chosen
+        assert candidate is not None, "run() first"
+        weights = "int8 per-channel" if candidate.per_channel else "int8 per-tensor"
+        activations = "uint8 per-tensor (dynamic)"
+        if candidate.blockwise_nodes:
+            weights += f"; blockwise MatMuls: int8 per block of {candidate.block_size} input channels"
+            activations += f"; blockwise MatMuls: int8 per row and block of {candidate.block_size} (dynamic)"
+        smoothing = None
+        if candidate.smooth_alpha is not None:
+            smoothing = {"method": "SmoothQuant on LayerNorm-fed MatMuls", "alpha": candidate.smooth_alpha,
+                         "calibration_inputs": len(self.calibration),
+                         "calibration_origin": "probe set + held-out Python standard library docstrings"}
+        return {
+            "method": "dynamic", "weights": weights, "activations": activations, "reduce_range": self.reduce_range,
+            "cpu_features": self.features, "chosen": candidate.name, "smoothing": smoothing,
+            "blockwise_nodes": candidate.blockwise_nodes,
+            "target": validate.INT8_TARGET, "target_met": validate.passes(metrics, self.target),
+            "corpus": {"passages": len(self.corpus.passages), "queries": len(self.corpus.queries),
+                       "fingerprint": self.corpus.fingerprint, "origin": "Python standard library docstrings"},
+            "candidates": self.tried,
+        }

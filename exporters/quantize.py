@@ -246,8 +246,10 @@ def _blockwise(model: Any, nodes: list[str], block_size: int) -> Any:
 
 
 def _save(model: Any, path: Path) -> None:
+    """Save, with the weights in a side file when they would pass protobuf's 2 GB limit."""
     onnx = _onnx()
-    if model.ByteSize() > _PROTOBUF_LIMIT:
+    weights = sum(len(init.raw_data) for init in model.graph.initializer)
+    if weights > _PROTOBUF_LIMIT:
         onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
     else:
         onnx.save(model, str(path))

@@ -90,3 +90,26 @@ def test_smoothing_needs_ranges(raw_export: Path, tmp_path: Path) -> None:
     candidate = quantize.QuantCandidate("smoothed", smooth_alpha=0.5)
     with pytest.raises(ValueError, match="activation ranges"):
         quantize.quantize(raw_export, tmp_path / "int8.onnx", candidate, False, None)
+
+
+def test_models_past_the_protobuf_limit_are_staged_with_a_side_file(raw_export: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """bge-m3 sized models: the smoothed/blockwise stage keeps its weights beside it, then goes away."""
+    batches = _batches(raw_export)
+    ranges = quantize.activation_ranges(raw_export, batches)
+    found = quantize.projections(raw_export, hidden_size=32)
+    saved: list[Path] = []
+    original = quantize._save
+
+    def spy(model: object, path: Path) -> None:
+        original(model, path)
+        saved.extend(path.parent.glob(f"{path.name}*"))
+
+    monkeypatch.setattr(quantize, "_PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(quantize, "_save", spy)
+    candidate = quantize.candidates(found)[1]
+    output = quantize.quantize(raw_export, tmp_path / "int8.onnx", candidate, False, ranges)
+    assert {path.name for path in saved} == {"int8.stage.onnx", "int8.stage.onnx.data"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["int8.onnx"]
+    for before, after in zip(_run(raw_export, batches), _run(output, batches), strict=True):
+        assert _cosine(before, after) >= 0.98

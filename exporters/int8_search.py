@@ -47,9 +47,8 @@ class Int8Search:
         best: tuple[Path, dict[str, float], quantize.QuantCandidate] | None = None
         plan = quantize.candidates(quantize.projections(self.raw, self.source.hidden_size))
         for index, candidate in enumerate(plan):
-            path = self.scratch / f"int8_{index}.onnx"
             try:
-                model, choices = self._build(candidate, path)
+                model, path, choices = self._build(candidate, self.scratch / f"int8_{index}")
             except Exception as error:  # one configuration the tools cannot build is skipped, not fatal
                 self.note(f"int8 {candidate.name}: cannot be built ({type(error).__name__}: {error})")
                 self.tried.append({**candidate.describe(), "error": f"{type(error).__name__}: {error}"[:300]})
@@ -69,19 +68,24 @@ class Int8Search:
         path, metrics, self.chosen = best
         return path, metrics
 
-    def _build(self, candidate: quantize.QuantCandidate, path: Path) -> tuple[BundleModel, dict[str, float]]:
-        """The candidate's model; a smoothing strength is chosen on the calibration texts, never on the
-        corpus the accuracy is measured on."""
-        if candidate.smooth_alpha is None:
-            return self._write(candidate, path, None), {}
+    def _build(self, candidate: quantize.QuantCandidate,
+               stem: Path) -> tuple[BundleModel, Path, dict[str, float]]:
+        """The candidate's model and file; a smoothing strength is chosen on the calibration texts, never
+        on the corpus the accuracy is measured on."""
+        if len(candidate.alpha_choices) < 2:
+            path = stem.with_name(f"{stem.name}.onnx")
+            return self._write(candidate, path, candidate.smooth_alpha), path, {}
+        reference = self._calibration_outputs()
+        built: dict[str, tuple[BundleModel, Path]] = {}
         choices: dict[str, float] = {}
-        if len(candidate.alpha_choices) > 1:
-            reference = self._calibration_outputs()
-            for alpha in candidate.alpha_choices:
-                outputs = validate.model_outputs(self._write(candidate, path, alpha), self.calibration)
-                choices[str(alpha)] = validate.agreement(outputs, reference, self.source.task)
-            return self._write(candidate, path, float(max(choices, key=lambda key: choices[key]))), choices
-        return self._write(candidate, path, candidate.smooth_alpha), choices
+        for alpha in candidate.alpha_choices:
+            path = stem.with_name(f"{stem.name}_alpha{alpha}.onnx")
+            built[str(alpha)] = (self._write(candidate, path, alpha), path)
+            choices[str(alpha)] = validate.agreement(validate.model_outputs(built[str(alpha)][0], self.calibration),
+                                                     reference, self.source.task)
+        best = max(choices, key=lambda key: choices[key])
+        candidate.smooth_alpha = float(best)
+        return *built[best], choices
 
     def _write(self, candidate: quantize.QuantCandidate, path: Path, alpha: float | None) -> BundleModel:
         candidate.smooth_alpha = alpha

@@ -9,6 +9,7 @@ numbers measured on it.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import random
@@ -74,6 +75,10 @@ _CORPUS_MODULES = (
 )
 
 
+# The default retrieval corpus; the calibration texts are taken from the paragraphs after it.
+CORPUS_PASSAGES, CORPUS_QUERIES = 1000, 50
+
+
 @dataclass(frozen=True)
 class RetrievalCorpus:
     passages: list[str]
@@ -119,14 +124,15 @@ def _paragraphs() -> list[str]:
     return found
 
 
-def _shuffled_paragraphs() -> list[str]:
+@functools.cache
+def _shuffled_paragraphs() -> tuple[str, ...]:
     paragraphs = sorted(_paragraphs())
     random.Random(1234).shuffle(paragraphs)
-    return paragraphs
+    return tuple(paragraphs)
 
 
-def retrieval_corpus(passages: int = 1000, queries: int = 50) -> RetrievalCorpus:
-    paragraphs = _shuffled_paragraphs()
+def retrieval_corpus(passages: int = CORPUS_PASSAGES, queries: int = CORPUS_QUERIES) -> RetrievalCorpus:
+    paragraphs = list(_shuffled_paragraphs())
     if len(paragraphs) < passages + queries:
         raise RuntimeError(f"only {len(paragraphs)} corpus paragraphs available")
     corpus_passages = paragraphs[:passages]
@@ -135,14 +141,14 @@ def retrieval_corpus(passages: int = 1000, queries: int = 50) -> RetrievalCorpus
     return RetrievalCorpus(corpus_passages, corpus_queries, digest)
 
 
-def calibration_texts(count: int = 200, after: int = 1050) -> list[str]:
+def calibration_texts(count: int = 200, after: int = CORPUS_PASSAGES + CORPUS_QUERIES) -> list[str]:
     """Texts for int8 calibration: the probes plus corpus paragraphs that are neither passages nor
     queries of the default retrieval corpus, so accuracy is never measured on what was calibrated on."""
-    extra = _shuffled_paragraphs()[after:after + count]
+    extra = list(_shuffled_paragraphs()[after:after + count])
     return probe_texts() + extra
 
 
-def calibration_pairs(count: int = 200, after: int = 1050) -> list[tuple[str, str]]:
+def calibration_pairs(count: int = 200, after: int = CORPUS_PASSAGES + CORPUS_QUERIES) -> list[tuple[str, str]]:
     """Query/passage pairs for calibrating cross-encoders, from the same held-out paragraphs."""
     extra = _shuffled_paragraphs()[after:after + count + 1]
     return probe_pairs() + [(extra[i + 1].split(". ")[0], extra[i]) for i in range(len(extra) - 1)]

@@ -94,12 +94,8 @@ def _onnx() -> Any:
     return onnx
 
 
-def _weight_shapes(model: Any) -> dict[str, tuple[int, ...]]:
-    return {init.name: tuple(init.dims) for init in model.graph.initializer}
-
-
 def _weight_matmuls(model: Any) -> Iterator[tuple[Any, tuple[int, ...]]]:
-    shapes = _weight_shapes(model)
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "MatMul" and len(node.input) == 2:
             shape = shapes.get(node.input[1])

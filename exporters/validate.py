@@ -121,7 +121,7 @@ def score_parity(candidate: FloatArray, reference: FloatArray) -> dict[str, floa
 def agreement(candidate: FloatArray, reference: FloatArray, task: str) -> float:
     """One number, higher is closer: mean cosine for embeddings, minus the mean absolute logit error."""
     if task == "embed":
-        return round(float(cosine_rows(candidate.astype(np.float64), reference.astype(np.float64)).mean()), 7)
+        return round(embedding_parity(candidate, reference)["mean_cosine"], 7)
     return round(-float(np.abs(candidate.astype(np.float64) - reference).mean()), 7)
 
 

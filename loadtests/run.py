@@ -172,17 +172,36 @@ def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str
 
 @contextlib.contextmanager
 def serving(bundle: Path, *arguments: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `embedrank serve` on 127.0.0.1 for the duration of the block: (base URL, process)."""
+    """A real `embedrank serve` on 127.0.0.1 for the duration of the block: (base URL, process).
+    The seconds from launch to the first 200 on /health are kept in `STARTUPS[pid]`."""
     port = _free_port()
+    launched = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model-id", str(bundle),
                                "--port", str(port), "--log-level", "warning", *arguments])
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, server)
+        STARTUPS[server.pid] = time.perf_counter() - launched
         yield url, server
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+# RSS is read again this long after the last scenario (the server hands unused memory back after 2 s).
+QUIET_SECONDS = 3.0
+# Seconds from launch to ready, per server process id (see `serving`).
+STARTUPS: dict[int, float] = {}
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """The process's resident memory now and at its peak (VmRSS, VmHWM), in MB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024
+    return {"rss_mb": values.get("VmRSS", 0.0), "peak_rss_mb": values.get("VmHWM", 0.0)}
 
 
 def _free_port() -> int:
@@ -252,7 +271,7 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "bundle": str(bundle), "reranker": str(reranker), "seconds_per_scenario": seconds,
-        "server_args": list(server_args), "results": [],
+        "server_args": list(server_args), "results": [], "servers": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
         bodies = {(scenario.kind, scenario.texts_per_request):
@@ -263,6 +282,8 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
         for dtype in dtypes if bundle is not None and scenarios else []:
             base = ceiling(bundle, dtype, max(2.0, seconds / 2))
             with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
+                footprint = {"dtype": dtype, "ready_seconds": STARTUPS[server.pid],
+                             "idle_rss_mb": memory_mb(server.pid)["rss_mb"]}
                 for scenario in scenarios:
                     tokens_before = _token_counters(url)
                     measured = run_wrk(url, bodies[(scenario.kind, scenario.texts_per_request)],
@@ -284,6 +305,11 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
                         entry["long"] = True
                     report["results"].append(entry)
                     print(_row(entry), flush=True)
+                after = memory_mb(server.pid)
+                time.sleep(QUIET_SECONDS)
+                footprint.update(after_load_rss_mb=after["rss_mb"], peak_rss_mb=after["peak_rss_mb"],
+                                 quiet_rss_mb=memory_mb(server.pid)["rss_mb"])
+                report["servers"].append(footprint)
             if reranker is not None and only is None:
                 run_mixed(bundle, reranker, dtype, seconds, report, bodies[("short", 1)], Path(scratch), server_args)
     output.mkdir(parents=True, exist_ok=True)
@@ -363,7 +389,7 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise RuntimeError(f"server did not become ready in {timeout:g} s")
 
 
@@ -423,6 +449,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {entry['dtype']} | {entry['scenario']} | {entry['texts_per_s']:.0f} | {entry['p50_ms']:.2f} | "
             f"{entry['p90_ms']:.2f} | {entry['p99_ms']:.2f} | {entry['socket_errors'] + entry['non_2xx']} | "
             f"{ceiling_text} | {versus} | {padding} | {entry['wrk_cpu_cores']:.2f} cores |")
+    if report.get("servers"):
+        lines += ["", f"| dtype | launch to ready | RSS when ready | RSS right after the scenarios | RSS "
+                  f"{QUIET_SECONDS:.0f} s later | peak RSS |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {server['dtype']} | {server['ready_seconds']:.2f} s | {server['idle_rss_mb']:.0f} MB | "
+                  f"{server['after_load_rss_mb']:.0f} MB | {server['quiet_rss_mb']:.0f} MB | "
+                  f"{server['peak_rss_mb']:.0f} MB |" for server in report["servers"]]
     return "\n".join(lines) + "\n"
 
 

@@ -273,7 +273,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                             workers=layout.workers, nice=settings.inference_nice,
                             overlap_tokens=layout.overlap_tokens or settings.max_batch_tokens,
                             target_tokens=settings.target_batch_tokens or (
-                                CPU_TARGET_BATCH_TOKENS if model.device == "cpu" else None))
+                                CPU_TARGET_BATCH_TOKENS if model.device == "cpu" else None),
+                            release_idle_seconds=settings.release_memory_idle_seconds)
 
     if registry is not None:
         start_batchers(registry)

@@ -32,6 +32,8 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per pass (default: cores; int8: half)"),
     ("--engine-workers", "engine_workers", int, "forward passes run at once per model (default 2)"),
     ("--spin-microseconds", "spin_microseconds", int, "bound on ONNX Runtime's spinning between operators (0)"),
+    ("--release-memory-idle-seconds", "release_memory_idle_seconds", float,
+     "quiet seconds after which unused engine memory goes back to the system (2; 0: never)"),
     ("--inference-nice", "inference_nice", int, "nice value of inference threads (event loop first)"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
     ("--otlp-endpoint", "otlp_endpoint", str, "OpenTelemetry collector for request spans (OTLP gRPC)"),
@@ -52,6 +54,7 @@ _BOOL_FLAGS = [
     ("--warmup", "warmup", "warm up before reporting ready (default true)"),
     ("--log-requests", "log_requests", "one log line per request (default true)"),
     ("--split-oversized-batches", "split_oversized_batches", "split requests over --max-client-batch-size"),
+    ("--lone-pass", "lone_pass", "run a lone int8 batch on every core, spinning (default true)"),
     ("--allow-spinning", "allow_spinning", "let ONNX Runtime threads spin between operators (default false)"),
     ("--direct-routes", "direct_routes", "serve the hot POST routes without the framework's router (default true)"),
 ]

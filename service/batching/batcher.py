@@ -7,6 +7,9 @@ burst of requests forms one full batch, not several small ones. Each request lea
 through one asyncio future, resolved from the worker with `call_soon_threadsafe` once its last
 item is done.
 A failed forward pass fails the requests in that batch only; the worker keeps serving.
+After `idle_seconds` with nothing to do following some work, one worker calls `on_idle` once (the
+server hands the engine's unused memory back to the system there), so memory grown by a burst of
+large batches does not stay resident while the server is quiet.
 
 With `workers > 1`, a second batch may run while one is running, on the same ONNX Runtime session,
 but only a small one (at most `overlap_tokens` padded tokens). For many small requests on a small
@@ -36,8 +39,11 @@ from service.errors import ApiError, ErrorKind
 
 logger = logging.getLogger("embedrank.batcher")
 
-# Runs one forward pass: the items' tokens and, per item, the tag its request was submitted with.
-BatchRunner = Callable[[list[TokenizedItem], list[str]], Sequence[Any]]
+_IDLE = -1  # what `_wait_for_work` returns when the worker should run `on_idle`
+
+# Runs one forward pass: the items' tokens, per item the tag its request was submitted with, and
+# whether the pass is lone (no other pass running, nothing queued or announced when it was formed).
+BatchRunner = Callable[[list[TokenizedItem], list[str], bool], Sequence[Any]]
 
 
 @dataclass
@@ -99,7 +105,8 @@ class DynamicBatcher:
     def __init__(self, name: str, run_batch: BatchRunner, max_batch_tokens: int, max_batch_requests: int | None,
                  on_batch: Callable[[BatchStats], None] | None = None, max_wait_seconds: float = 0.01,
                  workers: int = 1, overlap_tokens: int = 256, nice: int = 0,
-                 target_tokens: int | None = None) -> None:
+                 target_tokens: int | None = None, on_idle: Callable[[], None] | None = None,
+                 idle_seconds: float = 2.0) -> None:
         self.name = name
         self.nice = nice
         self._run_batch = run_batch
@@ -116,6 +123,9 @@ class DynamicBatcher:
         # A batch stops growing at this many padded tokens even when more is queued: on a CPU the time
         # per item is lowest around 1-2 thousand padded tokens and rises beyond (cache misses).
         self.target_tokens = min(target_tokens or max_batch_tokens, max_batch_tokens)
+        self._on_idle = on_idle
+        self.idle_seconds = idle_seconds
+        self._worked = False  # a pass ran since `on_idle` was last called
         self._threads = [threading.Thread(target=self._work, name=f"batcher-{name}-{index}", daemon=True)
                          for index in range(max(1, workers))]
         for thread in self._threads:
@@ -170,12 +180,12 @@ class DynamicBatcher:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _next_batch(self) -> list[_Item] | None:
+    def _next_batch(self) -> tuple[list[_Item], bool] | int | None:
         with self._condition:
             while True:
                 budget = self._wait_for_work()
-                if budget is None:
-                    return None
+                if budget is None or budget == _IDLE:
+                    return budget
                 # Counted as running from here on, so that another worker deciding while this one waits
                 # for announced requests sees an overlap, not an idle engine.
                 self._busy += 1
@@ -194,7 +204,10 @@ class DynamicBatcher:
                     self._queue.popleft()
                 self._queue.extendleft(reversed(remaining))
                 if chosen:
-                    return chosen
+                    if self._queue:
+                        self._condition.notify()  # an idle worker may take what is left beside this pass
+                    lone = self._busy == 1 and not self._queue and self._announced <= 0
+                    return chosen, lone
                 self._busy -= 1  # everything it looked at was cancelled meanwhile
 
     def _wait_for_work(self) -> int | None:
@@ -212,6 +225,12 @@ class DynamicBatcher:
                     return budget
             elif self._stopping:
                 return None
+            elif self._worked and self._on_idle is not None and self._busy == 0 and self.idle_seconds > 0:
+                if not self._condition.wait(self.idle_seconds) and not self._queue and self._busy == 0 \
+                        and self._worked and not self._stopping:
+                    self._worked = False
+                    return _IDLE
+                continue
             self._condition.wait()
 
     def _share(self, queued: int) -> int | None:
@@ -237,23 +256,35 @@ class DynamicBatcher:
     def _work(self) -> None:
         lower_thread_priority(self.nice)
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            taken = self._next_batch()
+            if taken is None:
                 return
+            if taken == _IDLE:
+                self._idle()
+                continue
+            assert isinstance(taken, tuple)
             try:
-                self._run(batch)
+                self._run(*taken)
             finally:
                 with self._condition:
                     self._busy -= 1
+                    self._worked = True
                     self._condition.notify_all()
 
-    def _run(self, batch: list[_Item]) -> None:
+    def _idle(self) -> None:
+        assert self._on_idle is not None
+        try:
+            self._on_idle()
+        except Exception:  # never let housekeeping end a worker
+            logger.exception("idle callback failed")
+
+    def _run(self, batch: list[_Item], lone: bool) -> None:
         started = time.perf_counter()
         for item in batch:
             if item.request.first_batch_started is None:
                 item.request.first_batch_started = started
         try:
-            outputs = self._run_batch([item.tokens for item in batch], [item.request.tag for item in batch])
+            outputs = self._run_batch([item.tokens for item in batch], [item.request.tag for item in batch], lone)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"engine returned {len(outputs)} results for {len(batch)} inputs")
         except Exception as error:  # any engine failure fails this batch only

@@ -100,9 +100,11 @@ def warm_up(model: ServedModel, max_batch_tokens: int, max_batch_requests: int |
     tags = "logits" if model.task != "embed" else "pooled"
     for direction in ("right", "left"):  # builds the truncating tokenizers, so no request pays for it
         model.bundle.tokenizer.encode(["warm up"], truncate=True, direction=direction)
+    lone_session = getattr(model.bundle.engine, "has_lone_session", False)
     for count, length in shapes:
         items = [TokenizedItem(ids=[token_id] * length, type_ids=[0] * length, truncated=False)] * count
-        model.run_batch(items, [tags] * count)
+        for lone in (False, True) if lone_session else (False,):
+            model.run_batch(items, [tags] * count, lone)
     # The widest warm-up batch grew the arena; give that back so an idle server stays small (traffic
     # with big batches grows it again, up to what --max-batch-tokens allows).
     release = getattr(model.bundle.engine, "release_memory", None)
@@ -112,7 +114,7 @@ def warm_up(model: ServedModel, max_batch_tokens: int, max_batch_requests: int |
 
 def load_models(model_ids: list[str], served_names: list[str], models_dir: Path, device: str, dtype: str,
                 session_config: SessionConfig, max_batch_tokens: int, max_batch_requests: int | None,
-                warmup: bool = True, engine_workers: int | None = None) -> ModelRegistry:
+                warmup: bool = True, engine_workers: int | None = None, lone_pass: bool = True) -> ModelRegistry:
     """Load every model (batchers are started by the app, which owns the metrics)."""
     if not model_ids:
         raise StartupError("no model to serve: pass --model-id models/NAME (or set MODEL_ID)")
@@ -129,13 +131,15 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
             raise StartupError(f"cannot read {model_id}: {error.strerror} ({error.filename})") from None
         variant = choose_variant(list(manifest.variants), dtype, chosen_device, directory)
         layout = thread_layout(variant, chosen_device, default_intra_op_threads(),
-                               session_config.intra_op_threads or None, engine_workers)
+                               session_config.intra_op_threads or None, engine_workers, lone_pass)
         if chosen_device == "cuda" and dtype == "auto" and variant != "float16":
             logger.info("%s has no float16 variant; running float32 on CUDA", directory)
         try:
             bundle = BundleModel(directory, variant=variant, device=chosen_device,  # type: ignore[arg-type]
                                  session_config=replace(session_config, intra_op_threads=layout.intra_op_threads),
-                                 manifest=manifest)
+                                 manifest=manifest, lone_session_config=replace(
+                                     session_config, intra_op_threads=layout.lone_threads, allow_spinning=True,
+                                     spin_microseconds=0) if layout.lone_threads else None)
         except (EngineError, KeyError, ValueError, OSError) as error:
             raise StartupError(f"cannot load {directory}: {error}") from None
         name = served_names[position] if served_names else manifest.name
@@ -158,4 +162,4 @@ def load_configured(settings: Settings) -> ModelRegistry:
                            allow_spinning=settings.allow_spinning, spin_microseconds=settings.spin_microseconds)
     return load_models(settings.model_id, settings.served_model_name, settings.models_dir, settings.device,
                        settings.dtype, config, settings.max_batch_tokens, settings.max_batch_requests,
-                       warmup=settings.warmup, engine_workers=settings.engine_workers)
+                       warmup=settings.warmup, engine_workers=settings.engine_workers, lone_pass=settings.lone_pass)

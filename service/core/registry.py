@@ -51,14 +51,15 @@ class ServedModel:
     def capabilities(self) -> list[str]:
         return CAPABILITIES[self.task]
 
-    def run_batch(self, items: list[TokenizedItem], tags: list[str]) -> Sequence[Any]:
-        """One forward pass (on the batcher's thread); one result per item, as its tag asks."""
+    def run_batch(self, items: list[TokenizedItem], tags: list[str], lone: bool = False) -> Sequence[Any]:
+        """One forward pass (on the batcher's thread); one result per item, as its tag asks. `lone`: no
+        other pass runs or waits (the engine may then give it the whole machine)."""
         batch = self.bundle.tokenizer.pad(items)
         if self.task != "embed":
-            return list(self.bundle.forward_logits(batch))
+            return list(self.bundle.forward_logits(batch, lone))
         if TAG_TOKENS not in tags:
-            return list(self.bundle.forward_pooled(batch))
-        hidden = self.bundle.forward_tokens(batch)
+            return list(self.bundle.forward_pooled(batch, lone))
+        hidden = self.bundle.forward_tokens(batch, lone)
         pooled = self.bundle.pool_hidden(hidden, batch) if TAG_POOLED in tags else None
         results: list[Any] = []
         for row, (item, tag) in enumerate(zip(items, tags, strict=True)):
@@ -70,10 +71,13 @@ class ServedModel:
         return results
 
     def start(self, max_batch_tokens: int, max_batch_requests: int | None, on_batch: Any = None,
-              workers: int = 1, nice: int = 0, overlap_tokens: int = 256, target_tokens: int | None = None) -> None:
+              workers: int = 1, nice: int = 0, overlap_tokens: int = 256, target_tokens: int | None = None,
+              release_idle_seconds: float = 0.0) -> None:
+        release = getattr(self.bundle.engine, "release_memory", None)
         self.batcher = DynamicBatcher(self.name, self.run_batch, max_batch_tokens, max_batch_requests, on_batch,
                                       workers=workers, nice=nice, overlap_tokens=overlap_tokens,
-                                      target_tokens=target_tokens)
+                                      target_tokens=target_tokens, on_idle=release,
+                                      idle_seconds=release_idle_seconds if release is not None else 0.0)
 
     def stop(self) -> None:
         if self.batcher is not None:

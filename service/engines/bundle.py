@@ -28,6 +28,7 @@ class BundleModel:
         device: Device = "cpu",
         session_config: SessionConfig | None = None,
         manifest: Manifest | None = None,
+        lone_session_config: SessionConfig | None = None,
         engine: Engine | None = None,
         model_file: Path | None = None,
     ) -> None:
@@ -50,6 +51,7 @@ class BundleModel:
             output_name=self.manifest.output_name,
             device=device,
             config=session_config,
+            lone_config=lone_session_config,
         )
         self._dense = DenseStack(bundle_dir, self.manifest.dense_layers)
 
@@ -57,19 +59,19 @@ class BundleModel:
     def task(self) -> str:
         return self.manifest.task
 
-    def forward_pooled(self, batch: EncodedBatch) -> NDArray[np.float32]:
+    def forward_pooled(self, batch: EncodedBatch, lone: bool = False) -> NDArray[np.float32]:
         """Sentence embeddings before normalization (pooling and Dense applied)."""
-        return self.pool_hidden(self.engine.forward(batch), batch)
+        return self.pool_hidden(self.engine.forward(batch, lone), batch)
 
     def pool_hidden(self, hidden: NDArray[np.float32], batch: EncodedBatch) -> NDArray[np.float32]:
         assert self.manifest.pooling is not None
         return self._dense(pool(hidden, batch.attention_mask, self.manifest.pooling))
 
-    def forward_logits(self, batch: EncodedBatch) -> NDArray[np.float32]:
-        return self.engine.forward(batch)
+    def forward_logits(self, batch: EncodedBatch, lone: bool = False) -> NDArray[np.float32]:
+        return self.engine.forward(batch, lone)
 
-    def forward_tokens(self, batch: EncodedBatch) -> NDArray[np.float32]:
-        return self.engine.forward(batch)
+    def forward_tokens(self, batch: EncodedBatch, lone: bool = False) -> NDArray[np.float32]:
+        return self.engine.forward(batch, lone)
 
     def _batches(self, items: Sequence[TokenizedItem], batch_size: int) -> list[EncodedBatch]:
         return [self.tokenizer.pad(list(items[i:i + batch_size])) for i in range(0, len(items), batch_size)]

@@ -31,7 +31,7 @@ class FakeEngine:
         self.batch_sizes: list[int] = []
         self._lock = threading.Lock()
 
-    def forward(self, batch: EncodedBatch) -> NDArray[np.float32]:
+    def forward(self, batch: EncodedBatch, lone: bool = False) -> NDArray[np.float32]:
         with self._lock:
             self.batch_sizes.append(int(batch.input_ids.shape[0]))
         if self.delay_seconds:

@@ -25,8 +25,9 @@ class Engine(Protocol):
 
     device: Device
 
-    def forward(self, batch: EncodedBatch) -> NDArray[np.float32]:
-        """Return the model output for the batch: token embeddings [B, T, H] or logits [B, L]."""
+    def forward(self, batch: EncodedBatch, lone: bool = False) -> NDArray[np.float32]:
+        """Return the model output for the batch: token embeddings [B, T, H] or logits [B, L].
+        `lone`: nothing else runs or waits, so the pass may use the whole machine."""
         ...
 
 
@@ -40,7 +41,8 @@ class SessionConfig:
     to the largest batch seen instead of doubling. ONNX Runtime's worker threads spin between
     operators by default; in a server that burns the CPU the event loop needs to feed the next batch,
     so spinning is off unless asked for; `spin_microseconds` bounds each spin, which keeps most of the
-    latency gain at a smaller cost.
+    latency gain at a smaller cost. Spinning threads stop the moment the last running pass ends
+    (`session.force_spinning_stop`), so an idle server never spins.
     """
 
     intra_op_threads: int = 0
@@ -72,6 +74,19 @@ def cuda_available() -> bool:
     return True
 
 
+def trim_heap() -> None:
+    """Return the C heap's free memory to the system (glibc's malloc_trim; a no-op elsewhere). Buffers
+    that ONNX Runtime and numpy freed stay mapped in malloc's arenas otherwise."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 def default_intra_op_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -89,11 +104,27 @@ class OrtEngine:
         output_name: str,
         device: Device = "cpu",
         config: SessionConfig | None = None,
+        lone_config: SessionConfig | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         config = config or SessionConfig()
         self._cuda_device_id = config.cuda_device_id
+        self.device: Device = device
+        self.model_path = model_path
+        self._session = self._open(model_path, config, device)
+        # A lone pass (nothing else running or waiting) may use a second, wider session that spins.
+        self._lone_session = self._open(model_path, lone_config, device) if lone_config and device == "cpu" else None
+        session_inputs = {node.name for node in self._session.get_inputs()}
+        missing = [name for name in input_names if name not in session_inputs]
+        if missing:
+            raise EngineError(f"{model_path.name} lacks inputs {missing}")
+        self.input_names = [name for name in ("input_ids", "attention_mask", "token_type_ids")
+                            if name in session_inputs]
+        self.output_name = output_name
+
+    @staticmethod
+    def _open(model_path: Path, config: SessionConfig, device: Device) -> Any:
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = config.intra_op_threads or default_intra_op_threads()
@@ -104,6 +135,8 @@ class OrtEngine:
         options.log_severity_level = 3
         spinning = config.allow_spinning or config.spin_microseconds > 0
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if spinning:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         if config.spin_microseconds:
             options.add_session_config_entry("session.intra_op.spin_duration_us", str(config.spin_microseconds))
         providers: list[Any]
@@ -124,21 +157,13 @@ class OrtEngine:
         else:
             providers = [("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
         try:
-            self._session = with_nice(config.nice, lambda: ort.InferenceSession(str(model_path), options,
-                                                                                providers=providers))
+            session = with_nice(config.nice, lambda: ort.InferenceSession(str(model_path), options,
+                                                                          providers=providers))
         except Exception as error:  # onnxruntime raises its own exception types
             raise EngineError(f"cannot load {model_path}: {error}") from error
-        if device == "cuda" and "CUDAExecutionProvider" not in self._session.get_providers():
+        if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             raise EngineError("onnxruntime could not initialise the CUDA provider (is a GPU visible?)")
-        session_inputs = {node.name for node in self._session.get_inputs()}
-        missing = [name for name in input_names if name not in session_inputs]
-        if missing:
-            raise EngineError(f"{model_path.name} lacks inputs {missing}")
-        self.device: Device = device
-        self.input_names = [name for name in ("input_ids", "attention_mask", "token_type_ids")
-                            if name in session_inputs]
-        self.output_name = output_name
-        self.model_path = model_path
+        return session
 
     def session_config_entry(self, key: str) -> str:
         """A session option as ONNX Runtime holds it (empty when unset)."""
@@ -161,17 +186,28 @@ class OrtEngine:
 
     def release_memory(self) -> None:
         """Hand the arena's free blocks back to the system (one tiny forward pass with arena shrinkage).
-        Called after warm-up, whose widest batch would otherwise stay resident for good."""
+        Called after warm-up, whose widest batch would otherwise stay resident for good, and by the
+        batcher when the server has been quiet for a while after a burst."""
         import onnxruntime as ort
 
         options = ort.RunOptions()
         arenas = f"cpu:0;gpu:{self._cuda_device_id}" if self.device == "cuda" else "cpu:0"
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
         one = np.ones((1, 1), dtype=np.int64)
-        self._session.run([self.output_name], self._feeds(EncodedBatch(one, one, np.zeros_like(one))), options)
+        for session in (self._session, self._lone_session):
+            if session is not None:
+                session.run([self.output_name], self._feeds(EncodedBatch(one, one, np.zeros_like(one))), options)
+        if self.device == "cpu":
+            trim_heap()
 
-    def forward(self, batch: EncodedBatch) -> NDArray[np.float32]:
+    @property
+    def has_lone_session(self) -> bool:
+        return self._lone_session is not None
+
+    def forward(self, batch: EncodedBatch, lone: bool = False) -> NDArray[np.float32]:
         feeds = self._feeds(batch)
+        if lone and self._lone_session is not None:
+            return np.asarray(self._lone_session.run([self.output_name], feeds)[0], dtype=np.float32)
         if self.device == "cuda":
             binding = self._session.io_binding()
             for name, array in feeds.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,3 +187,45 @@ def test_idle_memory_and_thread_priorities(minilm_bundle: Path, tmp_path: Path) 
         assert nice[str(pid)][1] == 0  # the event loop
         lowered = [entry for entry in nice.values() if entry[1] == 5]
         assert len(lowered) >= 2, nice  # the batch workers and ONNX Runtime's pool threads
+
+
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def test_int8_lone_pass_and_memory_handed_back_when_quiet(minilm_bundle: Path, tmp_path: Path) -> None:
+    """int8 with the lone-pass session (two sessions): small when ready; a burst of long batches grows
+    RSS, and after a quiet spell it is handed back; a lone request and the same text under concurrent
+    load get the same vector (one computed on the wide spinning session, the others on narrow ones)."""
+    args = ["--model-id", str(minilm_bundle), "--dtype", "int8", "--lone-pass", "true", "--intra-op-threads", "1",
+            "--engine-workers", "2", "--release-memory-idle-seconds", "0.5"]
+    with running_server(args, tmp_path) as running:
+        pid = running.process.pid
+        assert "a lone batch on" in running.output()
+        ready_mb = _rss_mb(pid)
+        assert ready_mb < 350, ready_mb
+        text = "The weather is lovely today."
+        lone = np.array(httpx.post(running.url + "/embed", json={"inputs": text}, timeout=30).json()[0])
+        long_texts = [" ".join(f"word{index} river mountain" for index in range(150)) + f" {n}" for n in range(32)]
+
+        async def burst() -> list[list[float]]:
+            async with httpx.AsyncClient(base_url=running.url, timeout=120) as client:
+                big = [client.post("/embed", json={"inputs": long_texts}) for _ in range(4)]
+                small = [client.post("/embed", json={"inputs": text}) for _ in range(16)]
+                answers = await asyncio.gather(*big, *small)
+                assert all(answer.status_code == 200 for answer in answers)
+                return [answer.json()[0] for answer in answers[4:]]
+
+        loaded = asyncio.run(burst())
+        busy_mb = _rss_mb(pid)
+        for vector in loaded:
+            assert float(np.dot(lone, np.array(vector))) > 0.9999
+        assert busy_mb > ready_mb + 40, (ready_mb, busy_mb)  # the burst did grow it (else this proves nothing)
+        quiet_mb = busy_mb
+        for _ in range(40):  # at most 10 s; the server releases after 0.5 s of quiet
+            time.sleep(0.25)
+            quiet_mb = _rss_mb(pid)
+            if quiet_mb < ready_mb + (busy_mb - ready_mb) / 2:
+                break
+        assert quiet_mb < ready_mb + (busy_mb - ready_mb) / 2, (ready_mb, busy_mb, quiet_mb)

@@ -60,14 +60,16 @@ def test_policy_fills_the_rest_with_similar_lengths() -> None:
 class Recorder:
     def __init__(self, fail_marker: int | None = None, gate: threading.Event | None = None) -> None:
         self.batches: list[list[int]] = []
+        self.lone: list[bool] = []
         self.fail_marker = fail_marker
         self.gate = gate
 
-    def __call__(self, items: list[TokenizedItem], tags: list[str]) -> list[Any]:
+    def __call__(self, items: list[TokenizedItem], tags: list[str], lone: bool = False) -> list[Any]:
         if self.gate is not None:
             self.gate.wait(5)
         markers = [entry.ids[0] for entry in items]
         self.batches.append(markers)
+        self.lone.append(lone)
         if self.fail_marker in markers:
             raise RuntimeError("boom")
         return [marker * 10 + len(entry) for marker, entry in zip(markers, items, strict=True)]
@@ -130,24 +132,31 @@ def test_cancelled_requests_are_dropped_from_the_queue() -> None:
     assert [7] not in recorder.batches
 
 
+class OverlapCounter:
+    """A runner that takes `seconds` per pass and records batch sizes and the most passes at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.running = 0
+        self.most = 0
+        self.sizes: list[int] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, items: list[TokenizedItem], tags: list[str], lone: bool = False) -> list[Any]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.sizes.append(len(items))
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
+        return [0] * len(items)
+
+
 def test_wide_batches_never_overlap_even_while_announced_requests_are_awaited() -> None:
     """Two workers, small-overlap layout: while one worker waits for announced requests, the other must
     see a pass in progress (before, both formed full batches at once)."""
-    running = [0]
-    most = [0]
-    lock = threading.Lock()
-    sizes: list[int] = []
-
-    def runner(items: list[TokenizedItem], tags: list[str]) -> list[Any]:
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-            sizes.append(len(items))
-        time.sleep(0.02)
-        with lock:
-            running[0] -= 1
-        return [0] * len(items)
-
+    runner = OverlapCounter(0.02)
     batcher = DynamicBatcher("t", runner, max_batch_tokens=4096, max_batch_requests=None, workers=2,
                              overlap_tokens=64, max_wait_seconds=0.05)
 
@@ -163,7 +172,7 @@ def test_wide_batches_never_overlap_even_while_announced_requests_are_awaited() 
     for _ in range(3):
         asyncio.run(scenario())
     batcher.stop()
-    assert most[0] == 1, f"wide batches overlapped (batch sizes {sizes})"
+    assert runner.most == 1, f"wide batches overlapped (batch sizes {runner.sizes})"
 
 
 def test_target_tokens_bound_batches_while_more_is_queued() -> None:
@@ -193,9 +202,94 @@ def test_thread_layout_per_variant() -> None:
     from service.engines.layout import SMALL_OVERLAP_TOKENS, ThreadLayout, thread_layout
 
     assert thread_layout("float32", "cpu", 2) == ThreadLayout(2, 2, SMALL_OVERLAP_TOKENS)
-    assert thread_layout("int8", "cpu", 2) == ThreadLayout(1, 2, None)
-    assert thread_layout("int8", "cpu", 16) == ThreadLayout(8, 2, None)
+    assert thread_layout("int8", "cpu", 2) == ThreadLayout(1, 2, None, lone_threads=2)
+    assert thread_layout("int8", "cpu", 16) == ThreadLayout(8, 2, None, lone_threads=16)
+    assert thread_layout("int8", "cpu", 2, lone_pass=False) == ThreadLayout(1, 2, None)
     assert thread_layout("float16", "cuda", 8) == ThreadLayout(8, 2, SMALL_OVERLAP_TOKENS)
-    assert thread_layout("float32", "cpu", 2, intra_op_threads=1) == ThreadLayout(1, 2, None)
+    assert thread_layout("int8", "cuda", 8) == ThreadLayout(8, 2, SMALL_OVERLAP_TOKENS)
+    assert thread_layout("float32", "cpu", 2, intra_op_threads=1) == ThreadLayout(1, 2, None, lone_threads=2)
     assert thread_layout("float32", "cpu", 2, workers=1) == ThreadLayout(2, 1, None)
+    assert thread_layout("int8", "cpu", 2, workers=1) == ThreadLayout(1, 1, None)  # one pass: nothing to widen
     assert thread_layout("int8", "cpu", 1) == ThreadLayout(1, 1, None)
+
+
+def test_a_pass_is_lone_only_when_nothing_else_runs_or_waits() -> None:
+    """The lone flag (the engine may then give the pass the whole machine) is set only for a batch
+    formed while no other pass ran and nothing was queued or announced."""
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=100, max_batch_requests=None, workers=2,
+                             overlap_tokens=100, target_tokens=10)
+
+    async def scenario() -> None:
+        first = batcher.submit([item(5, marker=1)])  # idle batcher: lone
+        for _ in range(100):
+            if recorder.batches or batcher.queue_depth == 0:
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)  # the first pass is now held at the gate
+        second = batcher.submit([item(5, marker=2)])  # formed while the first runs: not lone
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first.future, second.future)
+        await batcher.submit([item(5, marker=4)]).future  # idle again: lone
+
+    asyncio.run(scenario())
+    batcher.stop()
+    lone_by_marker = dict(zip([batch[0] for batch in recorder.batches], recorder.lone, strict=True))
+    assert lone_by_marker == {1: True, 2: False, 4: True}
+
+    # One worker, room for two items per batch: the first batch leaves one queued, so it is not lone;
+    # the last, formed with nothing else left, is.
+    recorder = Recorder()
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=100, max_batch_requests=None, target_tokens=10)
+    asyncio.run(_submit_and_wait(batcher, [item(5, marker=3) for _ in range(3)]))
+    batcher.stop()
+    assert [len(batch) for batch in recorder.batches] == [2, 1] and recorder.lone == [False, True]
+
+
+async def _submit_and_wait(batcher: DynamicBatcher, items: list[TokenizedItem]) -> list[Any]:
+    return await batcher.submit(items).future
+
+
+def test_an_idle_worker_takes_what_a_batch_left_queued() -> None:
+    """A request larger than one batch is spread over the idle workers at once, not run batch after batch."""
+    runner = OverlapCounter(0.05)
+    batcher = DynamicBatcher("t", runner, max_batch_tokens=100, max_batch_requests=None, workers=2,
+                             overlap_tokens=100, target_tokens=10)
+    asyncio.run(_submit_and_wait(batcher, [item(5) for _ in range(4)]))
+    batcher.stop()
+    assert runner.most == 2
+
+
+def test_on_idle_runs_once_after_a_quiet_spell_and_never_during_work() -> None:
+    """After work and `idle_seconds` of quiet, one worker calls `on_idle` once; a quiet batcher that has
+    done nothing since does not call it again, and a pass running keeps it from being called."""
+    lock = threading.Lock()
+    events: list[str] = []
+
+    def runner(items: list[TokenizedItem], tags: list[str], lone: bool = False) -> list[Any]:
+        with lock:
+            events.append("start")
+        time.sleep(0.15)  # longer than idle_seconds: a running pass must not count as quiet
+        with lock:
+            events.append("end")
+        return [0] * len(items)
+
+    def on_idle() -> None:
+        with lock:
+            events.append("idle")
+
+    batcher = DynamicBatcher("t", runner, max_batch_tokens=100, max_batch_requests=None, workers=2,
+                             on_idle=on_idle, idle_seconds=0.05)
+    time.sleep(0.2)
+    assert events == []  # nothing done yet: nothing to release
+    asyncio.run(_submit_and_wait(batcher, [item(5)]))
+    time.sleep(0.3)
+    assert events == ["start", "end", "idle"]
+    time.sleep(0.2)
+    assert events.count("idle") == 1  # quiet since: not called again
+    asyncio.run(_submit_and_wait(batcher, [item(5)]))
+    time.sleep(0.3)
+    batcher.stop()
+    assert events == ["start", "end", "idle", "start", "end", "idle"]

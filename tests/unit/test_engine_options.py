@@ -17,3 +17,28 @@ def test_spinning_settings_reach_onnx_runtime(bge_style_bundle: Path) -> None:
     assert entries(SessionConfig()) == ("0", "")
     assert entries(SessionConfig(allow_spinning=True)) == ("1", "")
     assert entries(SessionConfig(spin_microseconds=50)) == ("1", "50")
+
+
+def test_lone_session_is_wide_spins_and_agrees(bge_style_bundle: Path) -> None:
+    """With a lone-pass config the engine holds a second session (every core, spinning, stopped when the
+    pass ends) whose outputs equal the narrow session's; without one, `lone` changes nothing."""
+    import numpy as np
+
+    from service.engines.bundle import BundleModel
+    from service.engines.ort_engine import SessionConfig
+
+    model = BundleModel(bge_style_bundle, session_config=SessionConfig(intra_op_threads=1),
+                        lone_session_config=SessionConfig(intra_op_threads=2, allow_spinning=True))
+    engine = model.engine
+    assert engine.has_lone_session  # type: ignore[attr-defined]
+    lone = engine._lone_session.get_session_options()  # type: ignore[attr-defined]
+    assert lone.intra_op_num_threads == 2
+    assert lone.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert lone.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert engine.session_config_entry("session.intra_op.allow_spinning") == "0"  # type: ignore[attr-defined]
+    batch = model.tokenizer.pad(model.tokenizer.encode(["a lone request", "and another, longer one"]))
+    np.testing.assert_allclose(model.forward_pooled(batch, lone=True), model.forward_pooled(batch), rtol=1e-5,
+                               atol=1e-6)
+    plain = BundleModel(bge_style_bundle, session_config=SessionConfig(intra_op_threads=1))
+    assert not plain.engine.has_lone_session  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(plain.forward_pooled(batch, lone=True), plain.forward_pooled(batch))

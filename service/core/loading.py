@@ -101,10 +101,11 @@ def warm_up(model: ServedModel, max_batch_tokens: int, max_batch_requests: int |
     for direction in ("right", "left"):  # builds the truncating tokenizers, so no request pays for it
         model.bundle.tokenizer.encode(["warm up"], truncate=True, direction=direction)
     lone_session = getattr(model.bundle.engine, "has_lone_session", False)
-    for count, length in shapes:
+    for position, (count, length) in enumerate(shapes):
         items = [TokenizedItem(ids=[token_id] * length, type_ids=[0] * length, truncated=False)] * count
-        for lone in (False, True) if lone_session else (False,):
-            model.run_batch(items, [tags] * count, lone)
+        model.run_batch(items, [tags] * count)
+        if lone_session and position < 2:  # lone batches are mostly small: its short shapes only, for a quick start
+            model.run_batch(items, [tags] * count, True)
     # The widest warm-up batch grew the arena; give that back so an idle server stays small (traffic
     # with big batches grows it again, up to what --max-batch-tokens allows).
     release = getattr(model.bundle.engine, "release_memory", None)

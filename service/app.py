@@ -125,6 +125,7 @@ class EarlyRefusal:
 
 
 _ITEMS = ITEMS_HEADER.encode()
+_PHASES = [(phase, f"x-{phase}-time") for phase in ("queue", "tokenization", "inference")]
 
 
 class RequestObserver:
@@ -138,6 +139,15 @@ class RequestObserver:
         self.app = app
         self.metrics = metrics
         self.log_requests = log_requests
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: the lookup validates and locks on every call."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -170,13 +180,13 @@ class RequestObserver:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
             model = facts.get("x-model", "")
-            self.metrics.requests.labels(route, model, str(status)).inc()
-            self.metrics.request_seconds.labels(route, "total").observe(elapsed)
-            for phase in ("queue", "tokenization", "inference"):
-                value = facts.get(f"x-{phase}-time")
+            self._child(self.metrics.requests, route, model, str(status)).inc()
+            self._child(self.metrics.request_seconds, route, "total").observe(elapsed)
+            for phase, header in _PHASES:
+                value = facts.get(header)
                 if value:
-                    self.metrics.request_seconds.labels(route, phase).observe(float(value) / 1000)
-            if self.log_requests:
+                    self._child(self.metrics.request_seconds, route, phase).observe(float(value) / 1000)
+            if self.log_requests and access_logger.isEnabledFor(logging.INFO):
                 fields = {"method": scope["method"], "route": route, "status": status, "model": model or None,
                           "items": int(facts.get("x-embedrank-items", 0)),
                           "tokens": int(facts.get("x-compute-tokens", 0)), "total_ms": round(elapsed * 1000, 3),
@@ -242,7 +252,10 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                 provider.shutdown()  # flushes the spans still batched
             app.state.executor.shutdown(wait=False, cancel_futures=True)
 
+    # The framework's own OpenTelemetry hooks stay off (they check the environment on every request);
+    # --otlp-endpoint sets up tracing itself.
     app = FastAPI(title="embedrank", version=service.__version__, lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False},
                   description="Embeddings and rerank on ONNX Runtime, compatible with TEI, Infinity, OpenAI, "
                   "Cohere and Jina clients.")
     proxy = None

@@ -246,7 +246,8 @@ async def embed(model: ServedModel, inputs: Sequence[Input], *, limits: Limits, 
     prompted = _with_prompt(inputs, resolve_prompt(model, limits, prompt_name))
     rows, usage, timings = await process(model, prompted, TAG_POOLED, limits=limits, truncate=truncate,
                                          direction=direction, executor=executor, wait=wait)
-    vectors = np.stack(rows).astype(np.float32, copy=False)
+    # one row (the common single-text request) needs no stacking
+    vectors = (rows[0][None, :] if len(rows) == 1 else np.stack(rows)).astype(np.float32, copy=False)
     if dimensions is not None and dimensions < vectors.shape[1]:
         vectors = np.ascontiguousarray(vectors[:, :dimensions])
     if normalize:

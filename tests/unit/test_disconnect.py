@@ -1,0 +1,74 @@
+"""Disconnect-aware waiting: queued items of a client that went away are dropped; quick answers never
+start a connection watcher."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from service.batching.batcher import PendingRequest
+from service.deps import until_disconnect
+from service.errors import ApiError, ErrorKind
+
+
+def _pending(loop: asyncio.AbstractEventLoop) -> PendingRequest:
+    return PendingRequest(loop=loop, future=loop.create_future(), results=[None], remaining=1)
+
+
+class Connection:
+    """An ASGI receive: the body was read; `http.disconnect` comes after `leaves_after` seconds."""
+
+    def __init__(self, leaves_after: float) -> None:
+        self.leaves_after = leaves_after
+        self.calls = 0
+
+    async def receive(self) -> dict[str, Any]:
+        self.calls += 1
+        await asyncio.sleep(self.leaves_after)
+        return {"type": "http.disconnect"}
+
+
+def test_a_client_that_leaves_drops_its_queued_items() -> None:
+    connection = Connection(leaves_after=0.05)
+
+    async def scenario() -> PendingRequest:
+        pending = _pending(asyncio.get_running_loop())  # never answered: queued behind long batches
+        with pytest.raises(ApiError) as raised:
+            await asyncio.wait_for(until_disconnect(SimpleNamespace(receive=connection.receive), after=0.01)(pending),
+                                   timeout=5)
+        assert raised.value.kind == ErrorKind.CANCELLED
+        return pending
+
+    pending = asyncio.run(scenario())
+    assert pending.cancelled and connection.calls == 1
+
+
+def test_a_quick_answer_never_watches_the_connection() -> None:
+    connection = Connection(leaves_after=0.0)
+
+    async def scenario() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        pending = _pending(loop)
+        loop.call_later(0.01, pending.future.set_result, ["vector"])
+        results = await until_disconnect(SimpleNamespace(receive=connection.receive), after=0.2)(pending)
+        await asyncio.sleep(0.3)  # past the watch delay: the timer was cancelled with the answer
+        return results
+
+    assert asyncio.run(scenario()) == ["vector"]
+    assert connection.calls == 0
+
+
+def test_a_slow_answer_from_a_client_that_stays_is_returned() -> None:
+    connection = Connection(leaves_after=10.0)
+
+    async def scenario() -> tuple[list[Any], PendingRequest]:
+        loop = asyncio.get_running_loop()
+        pending = _pending(loop)
+        loop.call_later(0.1, pending.future.set_result, ["late"])
+        return await until_disconnect(SimpleNamespace(receive=connection.receive), after=0.01)(pending), pending
+
+    results, pending = asyncio.run(scenario())
+    assert results == ["late"] and not pending.cancelled and connection.calls == 1

@@ -223,6 +223,35 @@ def _validation_message(error: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class EmbedRankApp(FastAPI):
+    """The app, with our middlewares in front of the framework's own stack rather than inside it: a request
+    the direct routes answer passes only through them, not through the framework's error, telemetry and
+    body-limit layers (about a tenth of the event loop's time per request); every other request goes on
+    into the framework as before."""
+
+    outer: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.outer is not None and scope["type"] == "http":
+            scope["app"] = self  # handlers reach the app's state through their request
+            await self.outer(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The framework itself, behind our middlewares."""
+        await super().__call__(scope, receive, send)
+
+    def layers(self) -> list[type]:
+        """Our middlewares a request passes, outermost first (in front of the framework, or inside it)."""
+        found: list[type] = []
+        layer = self.outer
+        while layer is not None and hasattr(layer, "app"):
+            found.append(type(layer))
+            layer = layer.app
+        return found + [middleware.cls for middleware in self.user_middleware]  # type: ignore[misc]
+
+
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> FastAPI:
     """Build the app. With `registry` given (tests), those models are served as they are."""
     metrics = Metrics()
@@ -254,7 +283,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
 
     # The framework's own OpenTelemetry hooks stay off (they check the environment on every request);
     # --otlp-endpoint sets up tracing itself.
-    app = FastAPI(title="embedrank", version=service.__version__, lifespan=lifespan,
+    app = EmbedRankApp(title="embedrank", version=service.__version__, lifespan=lifespan,
                   telemetry={"tracing": False, "metrics": False, "logs": False},
                   description="Embeddings and rerank on ONNX Runtime, compatible with TEI, Infinity, OpenAI, "
                   "Cohere and Jina clients.")
@@ -318,22 +347,31 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
 
     for router in ROUTERS:
         app.include_router(router)
-    if settings.direct_routes and not settings.otlp_endpoint:  # tracing instruments the framework's routes
-        app.add_middleware(DirectRoutes, table=direct_routes(ROUTERS, DIRECT_PATHS), metrics=metrics)  # type: ignore[arg-type]
-    app.add_middleware(PayloadLimit, limit=settings.payload_limit)  # type: ignore[arg-type]
-    app.add_middleware(EarlyRefusal, limit=settings.max_concurrent_requests, state=app.state)  # type: ignore[arg-type]
-    keys = settings.api_keys()
-    if keys:
-        app.add_middleware(BearerAuth, keys=[key.encode() for key in keys],  # type: ignore[arg-type]
-                           public=settings.public_paths)
+    # Our middlewares, outermost first.
+    layers: list[tuple[Any, dict[str, Any]]] = [
+        (RequestObserver, {"metrics": metrics, "log_requests": settings.log_requests})]
     if settings.cors_allow_origin:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origin,  # type: ignore[arg-type]
-                           allow_methods=["GET", "POST"], allow_headers=["*"], expose_headers=["*"])
-    app.add_middleware(RequestObserver, metrics=metrics, log_requests=settings.log_requests)  # type: ignore[arg-type]
+        layers.append((CORSMiddleware, {"allow_origins": settings.cors_allow_origin, "allow_methods": ["GET", "POST"],
+                                        "allow_headers": ["*"], "expose_headers": ["*"]}))
+    keys = settings.api_keys()
+    if keys:
+        layers.append((BearerAuth, {"keys": [key.encode() for key in keys], "public": settings.public_paths}))
+    layers += [(EarlyRefusal, {"limit": settings.max_concurrent_requests, "state": app.state}),
+               (PayloadLimit, {"limit": settings.payload_limit})]
     if settings.otlp_endpoint:
+        # Tracing instruments the framework's stack, so everything stays inside it (no direct routes).
         from service.observability import setup_tracing
 
+        for middleware, options in reversed(layers):
+            app.add_middleware(middleware, **options)
         setup_tracing(app, settings.otlp_endpoint, settings.otlp_service_name)
+        return app
+    if settings.direct_routes:
+        layers.append((DirectRoutes, {"table": direct_routes(ROUTERS, DIRECT_PATHS), "metrics": metrics}))
+    inner: ASGIApp = app.framework
+    for middleware, options in reversed(layers):
+        inner = middleware(inner, **options)
+    app.outer = inner
     return app

@@ -84,8 +84,10 @@ class DenseStack:
 
 
 def normalize(vectors: FloatArray) -> FloatArray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return _f32(vectors / np.clip(norms, 1e-12, None))
+    """Rows scaled to unit length (rows of zeros stay zero)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))[:, None]  # cheaper than linalg.norm on small batches
+    np.maximum(norms, 1e-12, out=norms)
+    return _f32(vectors / norms)
 
 
 def sigmoid(values: FloatArray) -> FloatArray:

@@ -20,9 +20,17 @@ ERRORS = openapi_responses(ErrorKind.EMPTY, ErrorKind.VALIDATION, ErrorKind.BACK
 MODEL_HEADER = "x-model"
 
 
+_MODEL_HEADER = MODEL_HEADER.encode()
+
+
 def model_name_of(request: Request) -> str | None:
-    """TEI routes have no `model` field: choose with the X-Model header or the ?model= query parameter."""
-    return request.headers.get(MODEL_HEADER) or request.query_params.get("model")
+    """TEI routes have no `model` field: choose with the X-Model header or the ?model= query parameter.
+    (Read from the raw scope: most requests have neither, and building the request's header and query
+    objects for that cost more than the lookup.)"""
+    for name, value in request.scope["headers"]:
+        if name == _MODEL_HEADER and value:
+            return str(value.decode("latin-1"))
+    return request.query_params.get("model") if request.scope.get("query_string") else None
 
 
 @router.post("/embed", responses=ERRORS)

@@ -136,13 +136,18 @@ def test_direct_lane_is_off_with_tracing() -> None:
     from service.core.registry import ModelRegistry
     from service.routes.direct import DirectRoutes
 
-    def layers(app: Any) -> list[type]:
-        return [middleware.cls for middleware in app.user_middleware]
+    from service.app import BearerAuth, EarlyRefusal, PayloadLimit, RequestObserver
 
-    assert DirectRoutes in layers(create_app(Settings(), ModelRegistry([])))
+    def layers(app: Any) -> list[type]:
+        return list(app.layers())
+
+    # In front of the framework, outermost first; the direct lane last, just before the framework.
+    assert layers(create_app(Settings(api_key="k"), ModelRegistry([]))) == [
+        RequestObserver, BearerAuth, EarlyRefusal, PayloadLimit, DirectRoutes]
     assert DirectRoutes not in layers(create_app(Settings(direct_routes=False), ModelRegistry([])))
     traced = create_app(Settings(otlp_endpoint="http://127.0.0.1:9"), ModelRegistry([]))
-    assert DirectRoutes not in layers(traced)
+    assert layers(traced) == [RequestObserver, EarlyRefusal, PayloadLimit]  # inside the framework, traced
+    assert traced.outer is None  # type: ignore[attr-defined]
     traced.state.tracer_provider.shutdown()
 
 

@@ -232,6 +232,7 @@ def test_a_pass_is_lone_only_when_nothing_else_runs_or_waits() -> None:
         await asyncio.sleep(0.05)
         gate.set()
         await asyncio.gather(first.future, second.future)
+        await asyncio.sleep(0.05)  # the workers count themselves idle just after answering
         await batcher.submit([item(5, marker=4)]).future  # idle again: lone
 
     asyncio.run(scenario())

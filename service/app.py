@@ -284,9 +284,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     # The framework's own OpenTelemetry hooks stay off (they check the environment on every request);
     # --otlp-endpoint sets up tracing itself.
     app = EmbedRankApp(title="embedrank", version=service.__version__, lifespan=lifespan,
-                  telemetry={"tracing": False, "metrics": False, "logs": False},
-                  description="Embeddings and rerank on ONNX Runtime, compatible with TEI, Infinity, OpenAI, "
-                  "Cohere and Jina clients.")
+                       telemetry={"tracing": False, "metrics": False, "logs": False},
+                       description="Embeddings and rerank on ONNX Runtime, compatible with TEI, Infinity, "
+                       "OpenAI, Cohere and Jina clients.")
     proxy = None
     if settings.llm or settings.llm_config:
         proxy = LlmProxy(load_upstreams(settings.llm, settings.llm_config),

@@ -131,12 +131,10 @@ def test_direct_lane_enforces_the_payload_limit_on_streamed_bodies(models: list[
 
 
 def test_direct_lane_is_off_with_tracing() -> None:
-    from service.app import create_app
+    from service.app import BearerAuth, EarlyRefusal, PayloadLimit, RequestObserver, create_app
     from service.config import Settings
     from service.core.registry import ModelRegistry
     from service.routes.direct import DirectRoutes
-
-    from service.app import BearerAuth, EarlyRefusal, PayloadLimit, RequestObserver
 
     def layers(app: Any) -> list[type]:
         return list(app.layers())

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import service
+from service.batching.policy import pass_token_budget
 from service.config import Settings
 from service.core.embed import Limits
 from service.core.loading import load_configured
@@ -93,8 +94,6 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-# Padded tokens at which a CPU batch stops growing (see --target-batch-tokens).
-CPU_TARGET_BATCH_TOKENS = 2048
 ROUTERS = [tei_routes.router, openai_routes.router, rerank_routes.router, llm_routes.router]
 # The routes served by DirectRoutes (the rest go through the framework's router).
 DIRECT_PATHS = ["/embed", "/v1/embeddings", "/embeddings", "/rerank", "/v1/rerank", "/v2/rerank", "/predict",
@@ -314,8 +313,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                 model.start(settings.max_batch_tokens, settings.max_batch_requests, batch_observer(metrics, model.name),
                             workers=layout.workers, nice=settings.inference_nice,
                             overlap_tokens=layout.overlap_tokens or settings.max_batch_tokens,
-                            target_tokens=settings.target_batch_tokens or (
-                                CPU_TARGET_BATCH_TOKENS if model.device == "cpu" else None),
+                            target_tokens=pass_token_budget(model.device, settings.max_batch_tokens,
+                                                            settings.target_batch_tokens),
                             release_idle_seconds=settings.release_memory_idle_seconds)
 
     if registry is not None:

@@ -18,6 +18,15 @@ from collections.abc import Sequence
 
 # At most this many queued items are considered for the next batch (bounds the cost of a decision).
 LOOKAHEAD_LIMIT = 512
+# Padded tokens at which a CPU batch stops growing (see --target-batch-tokens).
+CPU_TARGET_BATCH_TOKENS = 2048
+
+
+def pass_token_budget(device: str, max_batch_tokens: int, target_batch_tokens: int | None) -> int:
+    """The most padded tokens a forward pass holds, except a single input longer than that: on CPU a
+    batch stops growing at the target, on CUDA at `max_batch_tokens`."""
+    target = target_batch_tokens or (CPU_TARGET_BATCH_TOKENS if device == "cpu" else max_batch_tokens)
+    return min(target, max_batch_tokens)
 
 
 def select_batch(lengths: Sequence[int], max_batch_tokens: int, max_batch_requests: int | None,

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.batching.policy import pass_token_budget
 from service.core.manifest import MANIFEST_FILE, ManifestError, load_manifest
 from service.core.registry import ModelRegistry, ServedModel
 from service.engines.bundle import BundleModel
@@ -88,13 +89,13 @@ def choose_variant(available: list[str], dtype: str, device: str, bundle: Path) 
     return dtype
 
 
-def warm_up(model: ServedModel, max_batch_tokens: int, max_batch_requests: int | None) -> None:
+def warm_up(model: ServedModel, pass_tokens: int, max_batch_requests: int | None) -> None:
     """Run the shapes the batcher will use: a lone short input, a full batch of short ones, and the
-    longest inputs at the widest batch the token budget allows (capped to keep start-up quick)."""
+    longest inputs at the widest batch a pass holds (`pass_tokens`, capped to keep start-up quick)."""
     max_length = model.manifest.max_length
     limit = max_batch_requests or 1 << 30
     shapes = [(1, 8), (min(32, limit), 16)]
-    rows = max(1, min(limit, min(max_batch_tokens, 4096) // max_length))
+    rows = max(1, min(limit, min(pass_tokens, 4096) // max_length))
     shapes.append((rows, max_length))
     token_id = model.bundle.tokenizer.pad_id + 1 if model.bundle.tokenizer.pad_id == 0 else 5
     tags = "logits" if model.task != "embed" else "pooled"
@@ -115,7 +116,8 @@ def warm_up(model: ServedModel, max_batch_tokens: int, max_batch_requests: int |
 
 def load_models(model_ids: list[str], served_names: list[str], models_dir: Path, device: str, dtype: str,
                 session_config: SessionConfig, max_batch_tokens: int, max_batch_requests: int | None,
-                warmup: bool = True, engine_workers: int | None = None, lone_pass: bool = True) -> ModelRegistry:
+                warmup: bool = True, engine_workers: int | None = None, lone_pass: bool = True,
+                target_batch_tokens: int | None = None) -> ModelRegistry:
     """Load every model (batchers are started by the app, which owns the metrics)."""
     if not model_ids:
         raise StartupError("no model to serve: pass --model-id models/NAME (or set MODEL_ID)")
@@ -150,7 +152,8 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
         if any(existing.name == name for existing in served):
             raise StartupError(f"two models are served as '{name}'; use --served-model-name to tell them apart")
         if warmup:
-            warm_up(model, max_batch_tokens, max_batch_requests)
+            warm_up(model, pass_token_budget(chosen_device, max_batch_tokens, target_batch_tokens),
+                    max_batch_requests)
         logger.info("serving %s (%s, %s %s; %s) from %s, ready in %.2fs", name, manifest.task, chosen_device,
                     variant, layout.describe(), directory, time.perf_counter() - started)
         served.append(model)
@@ -163,4 +166,5 @@ def load_configured(settings: Settings) -> ModelRegistry:
                            allow_spinning=settings.allow_spinning, spin_microseconds=settings.spin_microseconds)
     return load_models(settings.model_id, settings.served_model_name, settings.models_dir, settings.device,
                        settings.dtype, config, settings.max_batch_tokens, settings.max_batch_requests,
-                       warmup=settings.warmup, engine_workers=settings.engine_workers, lone_pass=settings.lone_pass)
+                       warmup=settings.warmup, engine_workers=settings.engine_workers, lone_pass=settings.lone_pass,
+                       target_batch_tokens=settings.target_batch_tokens)

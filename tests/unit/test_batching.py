@@ -294,3 +294,13 @@ def test_on_idle_runs_once_after_a_quiet_spell_and_never_during_work() -> None:
     time.sleep(0.3)
     batcher.stop()
     assert events == ["start", "end", "idle", "start", "end", "idle"]
+
+
+def test_pass_token_budget() -> None:
+    from service.batching.policy import CPU_TARGET_BATCH_TOKENS, pass_token_budget
+
+    assert pass_token_budget("cpu", 16384, None) == CPU_TARGET_BATCH_TOKENS
+    assert pass_token_budget("cpu", 1000, None) == 1000
+    assert pass_token_budget("cpu", 16384, 4096) == 4096
+    assert pass_token_budget("cuda", 16384, None) == 16384
+    assert pass_token_budget("cuda", 16384, 8192) == 8192

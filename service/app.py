@@ -123,7 +123,6 @@ class EarlyRefusal:
         await self.app(scope, receive, send)
 
 
-_ITEMS = ITEMS_HEADER.encode()
 _PHASES = [(phase, f"x-{phase}-time") for phase in ("queue", "tokenization", "inference")]
 
 
@@ -167,7 +166,7 @@ class RequestObserver:
                 for name, value in message.get("headers", []):
                     if name in self._ECHOED:
                         facts[name.decode()] = value.decode("latin-1")
-                    if name != _ITEMS:
+                    if name != ITEMS_HEADER:
                         headers.append((name, value))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 message = {**message, "headers": headers}

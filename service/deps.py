@@ -17,7 +17,8 @@ from service.core.registry import ModelRegistry, ServedModel
 from service.errors import ApiError, ErrorKind
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-ITEMS_HEADER = "x-embedrank-items"
+# Items per request, for the access log; the observer removes it before the response leaves.
+ITEMS_HEADER = b"x-embedrank-items"
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -105,8 +106,6 @@ class JsonResponse(Response):
         self.raw_headers = raw_headers
 
 
-_ITEMS = ITEMS_HEADER.encode()
-
 
 def json_response(body: Any, timings: Timings | None = None, usage: Usage | None = None,
                   model: ServedModel | None = None, status_code: int = 200) -> Response:
@@ -125,8 +124,8 @@ def json_response(body: Any, timings: Timings | None = None, usage: Usage | None
             (b"x-inference-time", f"{timings.inference:.3f}".encode()),
         ]
     if usage is not None:
-        # the items header is for the access log; it is removed before the response leaves
-        headers += [(_ITEMS, str(usage.items).encode()), (b"x-compute-characters", str(usage.characters).encode()),
+        headers += [(ITEMS_HEADER, str(usage.items).encode()),
+                    (b"x-compute-characters", str(usage.characters).encode()),
                     (b"x-compute-tokens", str(usage.tokens).encode())]
         if usage.truncated:
             headers.append((b"x-truncated-inputs", str(usage.truncated).encode()))

@@ -76,8 +76,7 @@ class ServedModel:
         release = getattr(self.bundle.engine, "release_memory", None)
         self.batcher = DynamicBatcher(self.name, self.run_batch, max_batch_tokens, max_batch_requests, on_batch,
                                       workers=workers, nice=nice, overlap_tokens=overlap_tokens,
-                                      target_tokens=target_tokens, on_idle=release,
-                                      idle_seconds=release_idle_seconds if release is not None else 0.0)
+                                      target_tokens=target_tokens, on_idle=release, idle_seconds=release_idle_seconds)
 
     def stop(self) -> None:
         if self.batcher is not None:

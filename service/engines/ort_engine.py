@@ -77,14 +77,11 @@ def cuda_available() -> bool:
 def trim_heap() -> None:
     """Return the C heap's free memory to the system (glibc's malloc_trim; a no-op elsewhere). Buffers
     that ONNX Runtime and numpy freed stay mapped in malloc's arenas otherwise."""
+    import contextlib
     import ctypes
-    import ctypes.util
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc is already loaded
 
 
 def default_intra_op_threads() -> int:

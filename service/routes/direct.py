@@ -3,11 +3,12 @@
 FastAPI spends more of the event loop on an embedding request than the request itself needs: route
 matching, dependency solving, the body decoded with the standard library's json, exception and
 exit-stack wrappers around every send. On a 2-core machine that loop time is taken from the engine.
-`DirectRoutes` sits just outside the router and handles the hottest paths itself: it reads the body,
-validates it with the route's own pydantic model straight from bytes (pydantic-core), calls the
-route's own handler, and sends its response. Everything observable stays the same: the handler, the
-response, the error envelopes, metrics and access log (the middlewares outside it still run), and the
-route label in metrics.
+`DirectRoutes` is the last of our middlewares, which run in front of the framework (see `EmbedRankApp`),
+and handles the hottest paths itself: it reads the body, validates it with the route's own pydantic
+model straight from bytes (pydantic-core), calls the route's own handler, and sends its response. So
+neither the framework's middleware stack nor its router runs for them. Everything observable stays
+the same: the handler, the response, the error envelopes, metrics and access log (our middlewares in
+front of it still run), and the route label in metrics.
 
 Anything unusual goes to the framework unchanged, with the body replayed: a body that fails validation
 (so the error message is the framework's own), a content type other than JSON, or a route this lane

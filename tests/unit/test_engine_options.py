@@ -39,6 +39,21 @@ def test_lone_session_is_wide_spins_and_agrees(bge_style_bundle: Path) -> None:
     batch = model.tokenizer.pad(model.tokenizer.encode(["a lone request", "and another, longer one"]))
     np.testing.assert_allclose(model.forward_pooled(batch, lone=True), model.forward_pooled(batch), rtol=1e-5,
                                atol=1e-6)
+
+    class Counting:
+        def __init__(self, session: object) -> None:
+            self.session, self.runs = session, 0
+
+        def run(self, *args: object) -> object:
+            self.runs += 1
+            return self.session.run(*args)  # type: ignore[attr-defined]
+
+    wide, narrow = Counting(engine._lone_session), Counting(engine._session)  # type: ignore[attr-defined]
+    engine._lone_session, engine._session = wide, narrow  # type: ignore[attr-defined]
+    model.forward_pooled(batch, lone=True)
+    assert (wide.runs, narrow.runs) == (1, 0)
+    model.forward_pooled(batch)
+    assert (wide.runs, narrow.runs) == (1, 1)
     plain = BundleModel(bge_style_bundle, session_config=SessionConfig(intra_op_threads=1))
     assert not plain.engine.has_lone_session  # type: ignore[attr-defined]
     np.testing.assert_array_equal(plain.forward_pooled(batch, lone=True), plain.forward_pooled(batch))

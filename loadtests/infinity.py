@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtests.run import _cpu_name, _free_port, _wait_ready, run_wrk, serving
-from service.bench import SHORT_TEXTS
+from loadtests.run import _cpu_name, _free_port, _wait_ready, run_wrk, serving, short_text
 
 HERE = Path(__file__).resolve().parent
 INFINITY = "infinity-emb[server,torch,optimum]==0.0.78"
@@ -55,8 +54,7 @@ def bodies(directory: Path, model: str, texts_per_request: int) -> Path:
     path = directory / f"infinity-bodies-{model}-{texts_per_request}.jsonl"
     with path.open("w") as handle:
         for index in range(2000):
-            texts = [f"{SHORT_TEXTS[(index + offset) % len(SHORT_TEXTS)]} {index}-{offset}"
-                     for offset in range(texts_per_request)]
+            texts = [short_text(index, offset) for offset in range(texts_per_request)]
             handle.write(json.dumps({"model": model, "input": texts}) + "\n")
     return path
 

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadtests.run import short_text
 from service.app import create_app
-from service.bench import SHORT_TEXTS
 from service.config import Settings
 from service.core.manifest import load_manifest
 from service.core.registry import ModelRegistry, ServedModel
@@ -69,7 +69,7 @@ async def _request(app: Any, body: bytes) -> None:
 
 
 async def measure(app: Any, requests: int, clients: int, profile: bool) -> dict[str, float]:
-    bodies = [json.dumps({"inputs": f"{SHORT_TEXTS[index % len(SHORT_TEXTS)]} {index}-0"}).encode()
+    bodies = [json.dumps({"inputs": short_text(index)}).encode()
               for index in range(1000)]
 
     async def client(number: int, count: int) -> None:

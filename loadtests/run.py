@@ -61,16 +61,27 @@ SCENARIOS = [
     Scenario("32 clients x 1 text of 5-250 words", 32, 1, "mixed", kind="mixed"),
 ]
 LONG_WORDS = 240  # about 256 tokens for MiniLM's vocabulary
+CEILING_BATCHES = 8  # distinct batch-32 inputs the ceiling cycles through (8 x 8 for batch 1)
+
+
+def short_text(index: int, offset: int = 0) -> str:
+    """The short text the scenarios send as text `offset` of request `index` (about 13 tokens for MiniLM);
+    the ceiling is measured on these same texts, so both sides see the same token counts."""
+    return f"{SHORT_TEXTS[(index + offset) % len(SHORT_TEXTS)]} {index}-{offset}"
 
 
 def throughput(forward: Callable[[Any], Any], batch: Any, size: int, workers: int, seconds: float) -> float:
-    """Items per second when `workers` threads run `forward(batch)` back to back for `seconds`."""
+    """Items per second when `workers` threads run `forward` back to back for `seconds`, on `batch` or
+    on each batch of a list in turn."""
+    batches = batch if isinstance(batch, list) else [batch]
     done = [0]
     stop = time.perf_counter() + seconds
 
     def work() -> None:
+        turn = 0
         while time.perf_counter() < stop:
-            forward(batch)
+            forward(batches[turn % len(batches)])
+            turn += 1
             done[0] += size
 
     started = time.perf_counter()
@@ -86,19 +97,21 @@ def ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
     """Batch-1 latency and batch-32 throughput ONNX Runtime reaches in this process, each the best of
     the configurations tried (thread spinning on or off, or one thread; one pass at a time on all
     cores, two such passes at once, or one single-threaded pass per core), so the server is held to
-    the best the machine does, not to its own settings."""
-    texts = [f"{SHORT_TEXTS[index % len(SHORT_TEXTS)]} {index}" for index in range(32)]
+    the best the machine does, not to its own settings. The inputs are the scenarios' own texts:
+    batch 1 cycles through the first single-text requests, batch 32 through the first 32-text ones."""
     result: dict[str, float] = {}
     single_configs = {"spinning_off": SessionConfig(), "spinning_on": SessionConfig(allow_spinning=True),
                       "single_thread": SessionConfig(intra_op_threads=1)}
     for label, config in single_configs.items():
         model = BundleModel(bundle, variant=variant, session_config=config)
-        single = model.tokenizer.pad(model.tokenizer.encode(texts[:1]))
-        for _ in range(10):
+        singles = [model.tokenizer.pad(model.tokenizer.encode([short_text(index)]))
+                   for index in range(CEILING_BATCHES * 8)]
+        for single in singles[:10]:
             model.forward_pooled(single)
         samples = []
         deadline = time.perf_counter() + seconds / 2
         while time.perf_counter() < deadline:
+            single = singles[len(samples) % len(singles)]
             start = time.perf_counter()
             model.forward_pooled(single)
             samples.append(time.perf_counter() - start)
@@ -110,8 +123,9 @@ def ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
                f"{cores}_single_thread_passes": (SessionConfig(intra_op_threads=1), cores)}
     for label, (config, workers) in layouts.items():
         model = BundleModel(bundle, variant=variant, session_config=config)
-        full = model.tokenizer.pad(model.tokenizer.encode(texts))
-        model.forward_pooled(full)
+        full = [model.tokenizer.pad(model.tokenizer.encode([short_text(index, offset) for offset in range(32)]))
+                for index in range(CEILING_BATCHES)]
+        model.forward_pooled(full[0])
         result[f"batch32_items_per_s_{label}"] = throughput(model.forward_pooled, full, 32, workers, seconds)
         long = model.tokenizer.pad(model.tokenizer.encode([long_text(LONG_WORDS, seed=index) for index in range(8)]))
         model.forward_pooled(long)
@@ -227,8 +241,7 @@ def _bodies(directory: Path, texts_per_request: int, kind: str = "short") -> Pat
                 texts = [long_text(randomness.randint(5, 250), seed=index * texts_per_request + offset)
                          for offset in range(texts_per_request)]
             else:
-                texts = [f"{SHORT_TEXTS[(index + offset) % len(SHORT_TEXTS)]} {index}-{offset}"
-                         for offset in range(texts_per_request)]
+                texts = [short_text(index, offset) for offset in range(texts_per_request)]
             handle.write(json.dumps({"inputs": texts[0] if texts_per_request == 1 else texts}) + "\n")
     return path
 

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.batching.batcher import PendingRequest
-from service.core.registry import TAG_POOLED, TAG_TOKENS, ServedModel
+from service.core.registry import TAG_POOLED, TAG_TOKENS, TAG_UNIT, ServedModel
 from service.engines.pooling import normalize as normalize_rows
 from service.engines.tokenizer import TextOrPair, TokenizedItem
 from service.errors import ApiError, ErrorKind
@@ -244,14 +244,17 @@ async def embed(model: ServedModel, inputs: Sequence[Input], *, limits: Limits, 
             raise ApiError(ErrorKind.VALIDATION, f"`dimensions` {dimensions} is larger than the model's "
                            f"{model.manifest.dimensions}", param="dimensions")
     prompted = _with_prompt(inputs, resolve_prompt(model, limits, prompt_name))
-    rows, usage, timings = await process(model, prompted, TAG_POOLED, limits=limits, truncate=truncate,
+    shortened = dimensions is not None and dimensions < model.manifest.dimensions
+    # full-length unit vectors are normalized by the worker, once per batch; shortened ones after the cut
+    tag = TAG_UNIT if normalize and not shortened else TAG_POOLED
+    rows, usage, timings = await process(model, prompted, tag, limits=limits, truncate=truncate,
                                          direction=direction, executor=executor, wait=wait)
     # one row (the common single-text request) needs no stacking
     vectors = (rows[0][None, :] if len(rows) == 1 else np.stack(rows)).astype(np.float32, copy=False)
-    if dimensions is not None and dimensions < vectors.shape[1]:
+    if shortened:
         vectors = np.ascontiguousarray(vectors[:, :dimensions])
-    if normalize:
-        vectors = normalize_rows(vectors)
+        if normalize:
+            vectors = normalize_rows(vectors)
     if not np.isfinite(vectors).all():
         raise ApiError(ErrorKind.BACKEND, "the model produced non-finite values (NaN or infinity)")
     return EmbedResult(vectors, usage, timings)

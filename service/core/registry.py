@@ -13,10 +13,12 @@ from service.batching.batcher import BatchStats, DynamicBatcher
 from service.core.manifest import Manifest
 from service.engines.bundle import BundleModel
 from service.engines.layout import ThreadLayout
+from service.engines.pooling import normalize
 from service.engines.tokenizer import TokenizedItem
 from service.errors import ApiError, ErrorKind
 
 TAG_POOLED = "pooled"
+TAG_UNIT = "unit"  # pooled, then scaled to unit length: one operation per batch on the worker, not per request
 TAG_TOKENS = "tokens"
 TAG_LOGITS = "logits"
 
@@ -58,16 +60,24 @@ class ServedModel:
         if self.task != "embed":
             return list(self.bundle.forward_logits(batch, lone))
         if TAG_TOKENS not in tags:
-            return list(self.bundle.forward_pooled(batch, lone))
+            pooled = self.bundle.forward_pooled(batch, lone)
+            if TAG_UNIT not in tags:
+                return list(pooled)
+            unit = normalize(pooled)
+            if TAG_POOLED not in tags:
+                return list(unit)
+            return [unit[row] if tag == TAG_UNIT else pooled[row] for row, tag in enumerate(tags)]
         hidden = self.bundle.forward_tokens(batch, lone)
-        pooled = self.bundle.pool_hidden(hidden, batch) if TAG_POOLED in tags else None
+        pooled = self.bundle.pool_hidden(hidden, batch) if TAG_POOLED in tags or TAG_UNIT in tags else None
+        unit = normalize(pooled) if pooled is not None and TAG_UNIT in tags else None
         results: list[Any] = []
         for row, (item, tag) in enumerate(zip(items, tags, strict=True)):
             if tag == TAG_TOKENS:
                 results.append(np.array(hidden[row, :len(item)], dtype=np.float32))
             else:
-                assert pooled is not None
-                results.append(pooled[row])
+                chosen = unit if tag == TAG_UNIT else pooled
+                assert chosen is not None
+                results.append(chosen[row])
         return results
 
     def start(self, max_batch_tokens: int, max_batch_requests: int | None, on_batch: Any = None,

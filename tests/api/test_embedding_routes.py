@@ -58,6 +58,25 @@ def test_normalize_false_and_dimensions(client: TestClient, embed_model: ServedM
         assert response.json()["error_type"] == "Validation"
 
 
+def test_one_batch_mixing_unit_raw_and_token_rows(embed_model: ServedModel) -> None:
+    """Requests with and without normalization (and token embeddings) share a pass: the worker scales
+    only the rows that asked for unit length."""
+    from service.core.registry import TAG_POOLED, TAG_TOKENS, TAG_UNIT
+
+    texts = ["first text", "second, longer text", "third"]
+    items = embed_model.bundle.tokenizer.encode(texts)
+    raw = expected(embed_model, texts, normalize=False)
+    for tags in ([TAG_UNIT, TAG_POOLED, TAG_UNIT], [TAG_UNIT, TAG_TOKENS, TAG_POOLED], [TAG_UNIT] * 3):
+        rows = embed_model.run_batch(items, tags)
+        for row, tag, vector, item in zip(rows, tags, raw, items, strict=True):
+            if tag == TAG_UNIT:
+                assert np.allclose(row, vector / np.linalg.norm(vector), atol=1e-6)
+            elif tag == TAG_POOLED:
+                assert np.allclose(row, vector, atol=1e-6) and abs(np.linalg.norm(row) - 1) > 1e-3
+            else:
+                assert row.shape == (len(item), embed_model.manifest.hidden_size)
+
+
 def test_prompts(client: TestClient, embed_model: ServedModel) -> None:
     prompt = embed_model.manifest.prompts["query"]
     with_prompt = client.post("/embed", json={"inputs": "rivers", "prompt_name": "query"}).json()

@@ -60,13 +60,13 @@ class ServedModel:
         if self.task != "embed":
             return list(self.bundle.forward_logits(batch, lone))
         if TAG_TOKENS not in tags:
-            pooled = self.bundle.forward_pooled(batch, lone)
+            vectors = self.bundle.forward_pooled(batch, lone)
             if TAG_UNIT not in tags:
-                return list(pooled)
-            unit = normalize(pooled)
+                return list(vectors)
+            scaled = normalize(vectors)
             if TAG_POOLED not in tags:
-                return list(unit)
-            return [unit[row] if tag == TAG_UNIT else pooled[row] for row, tag in enumerate(tags)]
+                return list(scaled)
+            return [scaled[row] if tag == TAG_UNIT else vectors[row] for row, tag in enumerate(tags)]
         hidden = self.bundle.forward_tokens(batch, lone)
         pooled = self.bundle.pool_hidden(hidden, batch) if TAG_POOLED in tags or TAG_UNIT in tags else None
         unit = normalize(pooled) if pooled is not None and TAG_UNIT in tags else None

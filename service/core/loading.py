@@ -134,7 +134,8 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
             raise StartupError(f"cannot read {model_id}: {error.strerror} ({error.filename})") from None
         variant = choose_variant(list(manifest.variants), dtype, chosen_device, directory)
         layout = thread_layout(variant, chosen_device, default_intra_op_threads(),
-                               session_config.intra_op_threads or None, engine_workers, lone_pass)
+                               session_config.intra_op_threads or None, engine_workers, lone_pass,
+                               session_config.allow_spinning or session_config.spin_microseconds > 0)
         if chosen_device == "cuda" and dtype == "auto" and variant != "float16":
             logger.info("%s has no float16 variant; running float32 on CUDA", directory)
         try:

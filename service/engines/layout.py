@@ -11,10 +11,13 @@ Two layouts, chosen per variant (measured on 2 cores with all-MiniLM-L6-v2, 32 s
   no faster on two threads than on one (1.7 ms), and two single-threaded passes have no barriers to
   stall: 32 clients got 1,140 texts/s instead of 945, the lone client 3.1 ms instead of 3.4.
 
-With narrow passes a lone batch (nothing else running or waiting) runs on a second session with every
-core and spinning threads (`lone_threads`): int8 batch-1 on two spinning threads took 1.0-1.3 ms where one
-thread took 1.3-2.3 ms. Spinning stops the moment that pass ends, so an idle server burns nothing, and the
-narrow sessions that serve the load never spin.
+A lone batch (nothing else running or waiting) runs on a second session with every core whose threads
+spin between operators (`lone_threads`), stopped the moment the pass ends, so an idle server burns
+nothing and the sessions that serve concurrent load never spin. With narrow passes (int8) it widens the
+pass: int8 batch-1 on two spinning threads took 1.0-1.3 ms where one thread took 1.3-2.3 ms. With wide
+passes (float32) it adds the spinning alone: fp32 batch-1 of ~13 tokens took 2.25-2.5 ms spinning against
+2.9 ms not, and a lone client's p50 over HTTP went from 3.7 to 3.1 ms, for a second copy of the weights
+(~90 MB for MiniLM fp32). Where the main session spins already and is as wide, there is no second one.
 
 `--intra-op-threads` and `--engine-workers` override either choice; whenever passes x threads fit in
 the cores, any batch may overlap.
@@ -42,11 +45,13 @@ class ThreadLayout:
 
 
 def thread_layout(variant: str, device: str, cores: int, intra_op_threads: int | None = None,
-                  workers: int | None = None, lone_pass: bool = True) -> ThreadLayout:
-    """The layout for a model variant on `cores` cores; explicit settings win."""
+                  workers: int | None = None, lone_pass: bool = True, spinning: bool = False) -> ThreadLayout:
+    """The layout for a model variant on `cores` cores; explicit settings win. `spinning`: the main
+    session's threads spin already (--allow-spinning, --spin-microseconds)."""
     cores = max(1, cores)
     narrow = device == "cpu" and variant == "int8"
     threads = intra_op_threads or (max(1, cores // 2) if narrow else cores)
     passes = workers or min(2, cores)
-    lone = cores if lone_pass and device == "cpu" and passes > 1 and threads < cores else None
+    wider_or_spinning = threads < cores or not spinning
+    lone = cores if lone_pass and device == "cpu" and passes > 1 and wider_or_spinning else None
     return ThreadLayout(threads, passes, SMALL_OVERLAP_TOKENS if threads * passes > cores else None, lone)

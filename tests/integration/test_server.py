@@ -176,13 +176,16 @@ def test_sigterm_finishes_accepted_requests_then_exits_0(bge_style_bundle: Path,
 def test_idle_memory_and_thread_priorities(minilm_bundle: Path, tmp_path: Path) -> None:
     with running_server(["--model-id", str(minilm_bundle)], tmp_path) as running:
         pid = running.process.pid
-        # the warm-up's widest batch is handed back to the system before the server reports ready, and
-        # that batch is no wider than a pass can be on CPU (2048 padded tokens), so even the peak stays low
+        # fp32 with its lone-pass session (two copies of the weights) stays under 350 MB when ready; the
+        # warm-up's widest batch is handed back before the server reports ready, and that batch is no
+        # wider than a pass can be on CPU (2048 padded tokens), so start-up peaks ~100 MB above ready
+        # (a warm-up of 8 x 512 tokens peaked ~170 MB above)
+        assert "a lone batch on" in running.output()
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
         rss_mb, peak_mb = (int(next(line for line in status if line.startswith(key)).split()[1]) / 1024
                            for key in ("VmRSS", "VmHWM"))
         assert rss_mb < 350, rss_mb
-        assert peak_mb < 350, peak_mb
+        assert peak_mb - rss_mb < 140, (peak_mb, rss_mb)
         nice = {}
         for task in Path(f"/proc/{pid}/task").iterdir():
             name = (task / "comm").read_text().strip()

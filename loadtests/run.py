@@ -290,54 +290,34 @@ def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid
 
 
 def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
-        reranker: Path | None = None, server_args: tuple[str, ...] = (), only: str | None = None) -> dict[str, Any]:
+        reranker: Path | None = None, server_args: tuple[str, ...] = (), only: str | None = None,
+        rounds: int = 1) -> dict[str, Any]:
+    """Every scenario against its ceiling; with `rounds` > 1 the whole sequence (ceilings, servers,
+    scenarios) runs that many times and the report adds each figure's median and range."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     report: dict[str, Any] = {
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "bundle": str(bundle), "reranker": str(reranker), "seconds_per_scenario": seconds,
-        "server_args": list(server_args), "results": [], "servers": [],
+        "server_args": list(server_args), "results": [], "servers": [], "rounds": rounds,
     }
     with tempfile.TemporaryDirectory() as scratch:
         bodies = {(scenario.kind, scenario.texts_per_request):
                   _bodies(Path(scratch), scenario.texts_per_request, scenario.kind) for scenario in SCENARIOS}
-        if reranker is not None and (only is None or "rerank" in only):
-            run_rerank(reranker, dtypes, seconds, report, Path(scratch), server_args)
         scenarios = [scenario for scenario in SCENARIOS if only is None or only in scenario.name]
-        for dtype in dtypes if bundle is not None and scenarios else []:
-            base = ceiling(bundle, dtype, max(2.0, seconds / 2))
-            with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
-                footprint = {"dtype": dtype, "ready_seconds": STARTUPS[server.pid],
-                             "idle_rss_mb": memory_mb(server.pid)["rss_mb"]}
-                for scenario in scenarios:
-                    tokens_before = _token_counters(url)
-                    measured = run_wrk(url, bodies[(scenario.kind, scenario.texts_per_request)],
-                                       scenario.connections, seconds, server.pid)
-                    real, padding = (after - before for after, before in zip(_token_counters(url), tokens_before,
-                                                                                strict=True))
-                    texts_per_second = measured["requests"] * scenario.texts_per_request / measured["seconds"]
-                    entry = {"dtype": dtype, "scenario": scenario.name, "connections": scenario.connections,
-                             "sweep": scenario.sweep, "texts_per_s": texts_per_second, **measured, "ceiling": base,
-                             "padding_waste": padding / (real + padding) if real + padding else 0.0,
-                             "tokens_per_text": real / max(1, measured["requests"] * scenario.texts_per_request)}
-                    if scenario.ceiling == "batch1":
-                        entry["target"] = "p50 <= ceiling batch-1 + 1.5 ms"
-                        entry["p50_minus_ceiling_ms"] = measured["p50_ms"] - base["batch1_p50_ms"]
-                    elif scenario.ceiling == "batch32":
-                        entry["ratio_to_ceiling"] = texts_per_second / base["batch32_items_per_s"]
-                    elif scenario.ceiling == "long":
-                        entry["ratio_to_ceiling"] = texts_per_second / base["long_items_per_s"]
-                        entry["long"] = True
-                    report["results"].append(entry)
-                    print(_row(entry), flush=True)
-                after = memory_mb(server.pid)
-                time.sleep(QUIET_SECONDS)
-                footprint.update(after_load_rss_mb=after["rss_mb"], peak_rss_mb=after["peak_rss_mb"],
-                                 quiet_rss_mb=memory_mb(server.pid)["rss_mb"])
-                report["servers"].append(footprint)
-            if reranker is not None and only is None:
-                run_mixed(bundle, reranker, dtype, seconds, report, bodies[("short", 1)], Path(scratch), server_args)
+        for round_number in range(1, rounds + 1):
+            first = len(report["results"]), len(report["servers"])
+            if reranker is not None and (only is None or "rerank" in only):
+                run_rerank(reranker, dtypes, seconds, report, Path(scratch), server_args)
+            for dtype in dtypes if bundle is not None and scenarios else []:
+                assert bundle is not None
+                run_embed(bundle, dtype, scenarios, seconds, report, bodies, server_args)
+                if reranker is not None and only is None:
+                    run_mixed(bundle, reranker, dtype, seconds, report, bodies[("short", 1)], Path(scratch),
+                              server_args)
+            for entry in report["results"][first[0]:] + report["servers"][first[1]:]:
+                entry["round"] = round_number
     output.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (output / f"load-{stamp}.json").write_text(json.dumps(report, indent=2))
@@ -347,6 +327,41 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
         print(f"plot: {output / f'load-{stamp}.png'}")
     print(markdown(report))
     return report
+
+
+def run_embed(bundle: Path, dtype: str, scenarios: list[Scenario], seconds: float, report: dict[str, Any],
+              bodies: dict[tuple[str, int], Path], server_args: tuple[str, ...] = ()) -> None:
+    """The ceiling, then one server for every embed scenario, then its start-up and memory figures."""
+    base = ceiling(bundle, dtype, max(2.0, seconds / 2))
+    with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
+        footprint = {"dtype": dtype, "ready_seconds": STARTUPS[server.pid],
+                     "idle_rss_mb": memory_mb(server.pid)["rss_mb"]}
+        for scenario in scenarios:
+            tokens_before = _token_counters(url)
+            measured = run_wrk(url, bodies[(scenario.kind, scenario.texts_per_request)],
+                               scenario.connections, seconds, server.pid)
+            real, padding = (after - before for after, before in zip(_token_counters(url), tokens_before,
+                                                                        strict=True))
+            texts_per_second = measured["requests"] * scenario.texts_per_request / measured["seconds"]
+            entry = {"dtype": dtype, "scenario": scenario.name, "connections": scenario.connections,
+                     "sweep": scenario.sweep, "texts_per_s": texts_per_second, **measured, "ceiling": base,
+                     "padding_waste": padding / (real + padding) if real + padding else 0.0,
+                     "tokens_per_text": real / max(1, measured["requests"] * scenario.texts_per_request)}
+            if scenario.ceiling == "batch1":
+                entry["target"] = "p50 <= ceiling batch-1 + 1.5 ms"
+                entry["p50_minus_ceiling_ms"] = measured["p50_ms"] - base["batch1_p50_ms"]
+            elif scenario.ceiling == "batch32":
+                entry["ratio_to_ceiling"] = texts_per_second / base["batch32_items_per_s"]
+            elif scenario.ceiling == "long":
+                entry["ratio_to_ceiling"] = texts_per_second / base["long_items_per_s"]
+                entry["long"] = True
+            report["results"].append(entry)
+            print(_row(entry), flush=True)
+        after = memory_mb(server.pid)
+        time.sleep(QUIET_SECONDS)
+        footprint.update(after_load_rss_mb=after["rss_mb"], peak_rss_mb=after["peak_rss_mb"],
+                         quiet_rss_mb=memory_mb(server.pid)["rss_mb"])
+        report["servers"].append(footprint)
 
 
 def run_mixed(bundle: Path, reranker: Path, dtype: str, seconds: float, report: dict[str, Any], embed_bodies: Path,
@@ -382,14 +397,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for dtype in sorted({entry["dtype"] for entry in report["results"] if entry.get("sweep")}):
-        points = sorted((entry["connections"], entry["texts_per_s"], entry["p99_ms"])
-                        for entry in report["results"] if entry.get("sweep") and entry["dtype"] == dtype)
-        clients = [point[0] for point in points]
-        left.plot(clients, [point[1] for point in points], marker="o", label=dtype)
-        right.plot(clients, [point[2] for point in points], marker="o", label=dtype)
-        ceilings = [entry["ceiling"]["batch32_items_per_s"] for entry in report["results"]
-                    if entry.get("sweep") and entry["dtype"] == dtype]
-        left.axhline(ceilings[0], linestyle="--", linewidth=0.8, color=left.lines[-1].get_color(),
+        sweep = [entry for entry in report["results"] if entry.get("sweep") and entry["dtype"] == dtype]
+        clients = sorted({entry["connections"] for entry in sweep})  # with several rounds: their medians
+        left.plot(clients, [statistics.median(e["texts_per_s"] for e in sweep if e["connections"] == count)
+                            for count in clients], marker="o", label=dtype)
+        right.plot(clients, [statistics.median(e["p99_ms"] for e in sweep if e["connections"] == count)
+                             for count in clients], marker="o", label=dtype)
+        ceiling_median = statistics.median(entry["ceiling"]["batch32_items_per_s"] for entry in sweep)
+        left.axhline(ceiling_median, linestyle="--", linewidth=0.8, color=left.lines[-1].get_color(),
                      label=f"{dtype} in-process ceiling (batch 32)")
     for axis, title, unit in ((left, "Throughput", "texts/s"), (right, "p99 latency", "ms")):
         axis.set_xscale("log", base=2)
@@ -443,6 +458,46 @@ def _row(entry: dict[str, Any]) -> str:
             f"errors {entry['socket_errors'] + entry['non_2xx']}  wrk {entry['wrk_cpu_cores']:.2f} cores")
 
 
+def _versus(entry: dict[str, Any]) -> float | None:
+    """The figure a target is set on: ms over the batch-1 ceiling, or the ratio to a throughput ceiling."""
+    if "p50_minus_ceiling_ms" in entry:
+        return float(entry["p50_minus_ceiling_ms"])
+    return float(entry["ratio_to_ceiling"]) if "ratio_to_ceiling" in entry else None
+
+
+def _round_of(entry: dict[str, Any], report: dict[str, Any]) -> str:
+    return f" (round {entry.get('round')})" if report.get("rounds", 1) > 1 else ""
+
+
+def summary(report: dict[str, Any]) -> list[str]:
+    """Median and range over the rounds, per dtype and scenario (in the order first run)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for entry in report["results"]:
+        groups.setdefault((entry["dtype"], entry["scenario"]), []).append(entry)
+    lines = [
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
+        f"{report['seconds_per_scenario']:.0f} s per scenario; {report['rounds']} rounds (ceilings measured "
+        f"again in each); median [lowest, highest] over the rounds.",
+        "",
+        "| dtype | scenario | texts (pairs)/s | p50 ms | p99 ms | vs ceiling |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+
+    def spread(values: list[float], form: str) -> str:
+        return f"{statistics.median(values):{form}} [{min(values):{form}}, {max(values):{form}}]"
+
+    for (dtype, scenario), entries in groups.items():
+        versus = [value for value in map(_versus, entries) if value is not None]
+        versus_text = "-"
+        if versus:
+            unit = " ms" if "p50_minus_ceiling_ms" in entries[0] else "x"
+            versus_text = spread(versus, "+.2f" if unit == " ms" else ".2f").replace(" [", f"{unit} [", 1)
+        lines.append(f"| {dtype} | {scenario} | {spread([e['texts_per_s'] for e in entries], '.0f')} | "
+                     f"{spread([e['p50_ms'] for e in entries], '.2f')} | "
+                     f"{spread([e['p99_ms'] for e in entries], '.1f')} | {versus_text} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
@@ -471,14 +526,18 @@ def markdown(report: dict[str, Any]) -> str:
             ceiling_text = f"{base['batch1_p50_ms']:.2f} ms (batch 1)"
             versus = f"{entry['p50_minus_ceiling_ms']:+.2f} ms"
         padding = f"{entry['padding_waste']:.0%}" if "padding_waste" in entry else "-"
+        scenario = entry["scenario"] + (f" (round {entry['round']})" if report.get("rounds", 1) > 1 else "")
         lines.append(
-            f"| {entry['dtype']} | {entry['scenario']} | {entry['texts_per_s']:.0f} | {entry['p50_ms']:.2f} | "
+            f"| {entry['dtype']} | {scenario} | {entry['texts_per_s']:.0f} | {entry['p50_ms']:.2f} | "
             f"{entry['p90_ms']:.2f} | {entry['p99_ms']:.2f} | {entry['socket_errors'] + entry['non_2xx']} | "
             f"{ceiling_text} | {versus} | {padding} | {entry['wrk_cpu_cores']:.2f} cores |")
+    if report.get("rounds", 1) > 1:
+        lines = [*summary(report), "", "Every round:", "", *lines[2:]]
     if report.get("servers"):
         lines += ["", f"| dtype | launch to ready | RSS when ready | RSS right after the scenarios | RSS "
                   f"{QUIET_SECONDS:.0f} s later | peak RSS |", "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {server['dtype']} | {server['ready_seconds']:.2f} s | {server['idle_rss_mb']:.0f} MB | "
+        lines += [f"| {server['dtype']}{_round_of(server, report)} | "
+                  f"{server['ready_seconds']:.2f} s | {server['idle_rss_mb']:.0f} MB | "
                   f"{server['after_load_rss_mb']:.0f} MB | {server['quiet_rss_mb']:.0f} MB | "
                   f"{server['peak_rss_mb']:.0f} MB |" for server in report["servers"]]
     return "\n".join(lines) + "\n"
@@ -497,10 +556,12 @@ def main() -> None:
                         help="extra argument for every server started, e.g. --server-arg=--engine-workers=1")
     parser.add_argument("--only", default=None, metavar="TEXT",
                         help="run only the scenarios whose name contains TEXT ('rerank' for the rerank one)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run everything this many times (ceilings included) and report medians and ranges")
     args = parser.parse_args()
     bundle = None if str(args.bundle) == "none" else args.bundle
     run(bundle, args.dtype or ["float32", "int8"], args.seconds, args.output, args.reranker,
-        tuple(args.server_arg), args.only)
+        tuple(args.server_arg), args.only, max(1, args.rounds))
 
 
 if __name__ == "__main__":

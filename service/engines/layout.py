@@ -52,6 +52,6 @@ def thread_layout(variant: str, device: str, cores: int, intra_op_threads: int |
     narrow = device == "cpu" and variant == "int8"
     threads = intra_op_threads or (max(1, cores // 2) if narrow else cores)
     passes = workers or min(2, cores)
-    wider_or_spinning = threads < cores or not spinning
-    lone = cores if lone_pass and device == "cpu" and passes > 1 and wider_or_spinning else None
+    adds_something = threads < cores or not spinning  # a wider pass, or spinning threads
+    lone = cores if lone_pass and device == "cpu" and passes > 1 and adds_something else None
     return ThreadLayout(threads, passes, SMALL_OVERLAP_TOKENS if threads * passes > cores else None, lone)

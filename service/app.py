@@ -25,7 +25,7 @@ from service.config import Settings
 from service.core.embed import Limits
 from service.core.loading import load_configured
 from service.core.registry import ModelRegistry, batch_observer
-from service.deps import ITEMS_HEADER
+from service.deps import ITEMS_HEADER, raw_header
 from service.engines.layout import thread_layout
 from service.engines.ort_engine import default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
@@ -152,7 +152,7 @@ class RequestObserver:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        given = _header(scope, b"x-request-id")
+        given = raw_header(scope, b"x-request-id")
         request_id = given if 0 < len(given) <= 128 and given.isprintable() else _new_request_id()
         token = REQUEST_ID.set(request_id)
         status = 500
@@ -204,13 +204,6 @@ _ID_COUNTER = itertools.count(1)
 
 def _new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
-
-
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return str(value.decode("latin-1"))
-    return ""
 
 
 def _validation_message(error: RequestValidationError) -> str:

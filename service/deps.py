@@ -9,7 +9,7 @@ import orjson
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
-from starlette.types import Receive
+from starlette.types import Receive, Scope
 
 from service.batching.batcher import PendingRequest
 from service.core.embed import Limits, Timings, Usage, WaitHook
@@ -105,6 +105,13 @@ class JsonResponse(Response):
         raw_headers.append((b"content-type", b"application/json"))
         self.raw_headers = raw_headers
 
+
+def raw_header(scope: Scope, name: bytes) -> str:
+    """A request header's value ("" when absent) from the raw ASGI scope, without building a headers object."""
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return ""
 
 
 def json_response(body: Any, timings: Timings | None = None, usage: Usage | None = None,

@@ -59,20 +59,20 @@ class ServedModel:
         batch = self.bundle.tokenizer.pad(items)
         if self.task != "embed":
             return list(self.bundle.forward_logits(batch, lone))
-        if TAG_TOKENS not in tags:
-            vectors = self.bundle.forward_pooled(batch, lone)
-            if TAG_UNIT not in tags:
-                return list(vectors)
-            scaled = normalize(vectors)
-            if TAG_POOLED not in tags:
-                return list(scaled)
-            return [scaled[row] if tag == TAG_UNIT else vectors[row] for row, tag in enumerate(tags)]
-        hidden = self.bundle.forward_tokens(batch, lone)
-        pooled = self.bundle.pool_hidden(hidden, batch) if TAG_POOLED in tags or TAG_UNIT in tags else None
+        hidden = self.bundle.forward_tokens(batch, lone) if TAG_TOKENS in tags else None
+        pooled = None
+        if hidden is None:
+            pooled = self.bundle.forward_pooled(batch, lone)
+        elif TAG_POOLED in tags or TAG_UNIT in tags:
+            pooled = self.bundle.pool_hidden(hidden, batch)
         unit = normalize(pooled) if pooled is not None and TAG_UNIT in tags else None
+        if hidden is None and (unit is None or TAG_POOLED not in tags):  # one kind of row: no per-row choice
+            assert pooled is not None
+            return list(pooled if unit is None else unit)
         results: list[Any] = []
         for row, (item, tag) in enumerate(zip(items, tags, strict=True)):
             if tag == TAG_TOKENS:
+                assert hidden is not None
                 results.append(np.array(hidden[row, :len(item)], dtype=np.float32))
             else:
                 chosen = unit if tag == TAG_UNIT else pooled

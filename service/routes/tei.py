@@ -18,8 +18,6 @@ from service.protocols import tei
 router = APIRouter(tags=["TEI"])
 ERRORS = openapi_responses(ErrorKind.EMPTY, ErrorKind.VALIDATION, ErrorKind.BACKEND, ErrorKind.OVERLOADED)
 MODEL_HEADER = "x-model"
-
-
 _MODEL_HEADER = MODEL_HEADER.encode()
 
 
@@ -27,10 +25,8 @@ def model_name_of(request: Request) -> str | None:
     """TEI routes have no `model` field: choose with the X-Model header or the ?model= query parameter.
     (Read from the raw scope: most requests have neither, and building the request's header and query
     objects for that cost more than the lookup.)"""
-    for name, value in request.scope["headers"]:
-        if name == _MODEL_HEADER and value:
-            return str(value.decode("latin-1"))
-    return request.query_params.get("model") if request.scope.get("query_string") else None
+    return deps.raw_header(request.scope, _MODEL_HEADER) or (
+        request.query_params.get("model") if request.scope.get("query_string") else None)
 
 
 @router.post("/embed", responses=ERRORS)

@@ -16,7 +16,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--device", "device", str, "auto | cpu | cuda"),
     ("--dtype", "dtype", str, "auto | float32 | int8 | float16"),
     ("--max-batch-tokens", "max_batch_tokens", int, "padded tokens per forward pass (default 16384)"),
-    ("--target-batch-tokens", "target_batch_tokens", int, "padded tokens at which a batch stops growing (CPU 2048)"),
+    ("--target-batch-tokens", "target_batch_tokens", int, "padded tokens at which a batch stops growing (CPU 1024)"),
     ("--max-batch-requests", "max_batch_requests", int, "items per forward pass (default: token budget only)"),
     ("--max-client-batch-size", "max_client_batch_size", int, "inputs per request (default 2048)"),
     ("--max-concurrent-requests", "max_concurrent_requests", int, "requests admitted at once (default 512)"),

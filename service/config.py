@@ -39,8 +39,8 @@ class Settings(BaseSettings):
         16384, ge=1, description="Padded tokens per forward pass. Larger batches raise throughput and memory.")
     target_batch_tokens: int | None = Field(
         None, ge=1, description="Padded tokens at which a batch stops growing while more is queued (the rest "
-        "runs in the next pass). On CPUs the time per item is lowest around 1-2 thousand padded tokens and "
-        "rises beyond, so the default is 2048 on CPU; on CUDA it is max_batch_tokens.")
+        "runs in the next pass). On CPUs the time per item is lowest around a thousand padded tokens and rises "
+        "beyond (activations outgrow the caches), so the default is 1024 on CPU; on CUDA it is max_batch_tokens.")
     max_batch_requests: int | None = Field(
         None, ge=1, description="Items per forward pass (default: bounded by max_batch_tokens only).")
     max_client_batch_size: int = Field(

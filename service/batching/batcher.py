@@ -121,7 +121,7 @@ class DynamicBatcher:
         self.max_wait_seconds = max_wait_seconds
         self.overlap_tokens = overlap_tokens
         # A batch stops growing at this many padded tokens even when more is queued: on a CPU the time
-        # per item is lowest around 1-2 thousand padded tokens and rises beyond (cache misses).
+        # per item is lowest around a thousand padded tokens and rises beyond (cache misses).
         self.target_tokens = min(target_tokens or max_batch_tokens, max_batch_tokens)
         self._on_idle = on_idle
         self.idle_seconds = idle_seconds

@@ -201,11 +201,13 @@ def test_stopped_batcher_refuses_new_work() -> None:
 def test_thread_layout_per_variant() -> None:
     from service.engines.layout import SMALL_OVERLAP_TOKENS, ThreadLayout, thread_layout
 
-    # fp32 passes use every core already; the lone session adds spinning threads
-    assert thread_layout("float32", "cpu", 2) == ThreadLayout(2, 2, SMALL_OVERLAP_TOKENS, lone_threads=2)
-    assert thread_layout("float32", "cpu", 2, spinning=True) == ThreadLayout(2, 2, SMALL_OVERLAP_TOKENS)
+    # On CPU both dtypes run narrow passes side by side; a lone batch gets the wide spinning session
+    assert thread_layout("float32", "cpu", 2) == ThreadLayout(1, 2, None, lone_threads=2)
+    assert thread_layout("float32", "cpu", 2, spinning=True) == ThreadLayout(1, 2, None, lone_threads=2)
+    assert thread_layout("float32", "cpu", 2, intra_op_threads=2, spinning=True) == \
+        ThreadLayout(2, 2, SMALL_OVERLAP_TOKENS)
     assert thread_layout("int8", "cpu", 2, spinning=True) == ThreadLayout(1, 2, None, lone_threads=2)
-    assert thread_layout("float32", "cpu", 2, lone_pass=False) == ThreadLayout(2, 2, SMALL_OVERLAP_TOKENS)
+    assert thread_layout("float32", "cpu", 2, lone_pass=False) == ThreadLayout(1, 2, None)
     assert thread_layout("int8", "cpu", 2) == ThreadLayout(1, 2, None, lone_threads=2)
     assert thread_layout("int8", "cpu", 16) == ThreadLayout(8, 2, None, lone_threads=16)
     assert thread_layout("int8", "cpu", 2, lone_pass=False) == ThreadLayout(1, 2, None)

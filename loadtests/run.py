@@ -247,8 +247,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """CPU time of a process, or of one of its threads (the server's main thread runs the event loop)."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -284,6 +286,7 @@ def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid
             path: str = "/embed") -> dict[str, Any]:
     before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     server_before = _cpu_seconds(server_pid)
+    loop_before = _cpu_seconds(server_pid, server_pid)
     output = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "30s", "-s", str(LUA), url],
         capture_output=True, text=True, env={**os.environ, "BODIES_FILE": str(bodies), "TARGET_PATH": path},
@@ -295,7 +298,15 @@ def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid
     result: dict[str, Any] = json.loads(line[len("RESULT "):])
     result["wrk_cpu_cores"] = ((after_children.ru_utime - before_children.ru_utime)
                                + (after_children.ru_stime - before_children.ru_stime)) / result["seconds"]
-    result["server_cpu_cores"] = (_cpu_seconds(server_pid) - server_before) / result["seconds"]
+    server_seconds = _cpu_seconds(server_pid) - server_before
+    loop_seconds = _cpu_seconds(server_pid, server_pid) - loop_before
+    result["server_cpu_cores"] = server_seconds / result["seconds"]
+    # Where the server's CPU goes: its event loop (HTTP, validation, tokenization, JSON, metrics), per
+    # request, and every other thread (the engine workers), per request.
+    result["loop_cpu_cores"] = loop_seconds / result["seconds"]
+    requests = max(1, result["requests"])
+    result["loop_cpu_us_per_request"] = loop_seconds / requests * 1e6
+    result["engine_cpu_ms_per_request"] = (server_seconds - loop_seconds) / requests * 1e3
     return result
 
 
@@ -468,6 +479,12 @@ def _row(entry: dict[str, Any]) -> str:
             f"errors {entry['socket_errors'] + entry['non_2xx']}  wrk {entry['wrk_cpu_cores']:.2f} cores")
 
 
+def _server_cpu(entry: dict[str, Any]) -> str:
+    if "loop_cpu_us_per_request" not in entry:
+        return "-"
+    return f"{entry['loop_cpu_us_per_request']:.0f} us, {entry['engine_cpu_ms_per_request']:.2f} ms"
+
+
 def _versus(entry: dict[str, Any]) -> float | None:
     """The figure a target is set on: ms over the batch-1 ceiling, or the ratio to a throughput ceiling."""
     if "p50_minus_ceiling_ms" in entry:
@@ -489,8 +506,8 @@ def summary(report: dict[str, Any]) -> list[str]:
         f"{report['seconds_per_scenario']:.0f} s per scenario; {report['rounds']} rounds (ceilings measured "
         f"again in each); median [lowest, highest] over the rounds.",
         "",
-        "| dtype | scenario | texts (pairs)/s | p50 ms | p99 ms | vs ceiling |",
-        "|---|---|---:|---:|---:|---|",
+        "| dtype | scenario | texts (pairs)/s | p50 ms | p99 ms | vs ceiling | event loop CPU per request |",
+        "|---|---|---:|---:|---:|---|---:|",
     ]
 
     def spread(values: list[float], form: str) -> str:
@@ -504,7 +521,8 @@ def summary(report: dict[str, Any]) -> list[str]:
             versus_text = spread(versus, "+.2f" if unit == " ms" else ".2f").replace(" [", f"{unit} [", 1)
         lines.append(f"| {dtype} | {scenario} | {spread([e['texts_per_s'] for e in entries], '.0f')} | "
                      f"{spread([e['p50_ms'] for e in entries], '.2f')} | "
-                     f"{spread([e['p99_ms'] for e in entries], '.1f')} | {versus_text} |")
+                     f"{spread([e['p99_ms'] for e in entries], '.1f')} | {versus_text} | "
+                     f"{statistics.median(e.get('loop_cpu_us_per_request', 0.0) for e in entries):.0f} us |")
     return lines
 
 
@@ -515,8 +533,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{Path(str(report['reranker'])).name}.",
         "",
         "| dtype | scenario | texts (pairs)/s | p50 ms | p90 ms | p99 ms | errors | ceiling | vs ceiling | padding "
-        "| wrk CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        "| wrk CPU | server CPU per request: event loop, other threads |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for entry in report["results"]:
         base = entry["ceiling"]
@@ -540,7 +558,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {entry['dtype']} | {scenario} | {entry['texts_per_s']:.0f} | {entry['p50_ms']:.2f} | "
             f"{entry['p90_ms']:.2f} | {entry['p99_ms']:.2f} | {entry['socket_errors'] + entry['non_2xx']} | "
-            f"{ceiling_text} | {versus} | {padding} | {entry['wrk_cpu_cores']:.2f} cores |")
+            f"{ceiling_text} | {versus} | {padding} | {entry['wrk_cpu_cores']:.2f} cores | {_server_cpu(entry)} |")
     if report.get("rounds", 1) > 1:
         lines = [*summary(report), "", "Every round:", "", *lines[2:]]
     if report.get("servers"):

@@ -54,11 +54,20 @@ class PayloadLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = ApiError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body is larger than the {self.limit}-byte limit")
+        declared = None
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await render_for_path(scope["path"], error)(scope, receive, send)
-                return
+            if name == b"content-length" and value.isdigit():
+                if int(value) > self.limit:
+                    await render_for_path(scope["path"], self._error())(scope, receive, send)
+                    return
+                declared = value
+            elif name == b"transfer-encoding":
+                declared = None
+                break
+        if declared is not None:
+            # The server reads no more than the declared length, so there is nothing left to count.
+            await self.app(scope, receive, send)
+            return
         received = 0
 
         async def counting_receive() -> Message:
@@ -67,10 +76,13 @@ class PayloadLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise error
+                    raise self._error()
             return message
 
         await self.app(scope, counting_receive, send)
+
+    def _error(self) -> ApiError:
+        return ApiError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body is larger than the {self.limit}-byte limit")
 
 
 class BearerAuth:

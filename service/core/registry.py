@@ -98,6 +98,7 @@ class ModelRegistry:
 
     def __init__(self, models: list[ServedModel]) -> None:
         self.models = models
+        self._capable: dict[str, list[ServedModel]] = {}  # per task; the models never change once served
 
     def names(self) -> list[str]:
         return [model.name for model in self.models]
@@ -110,8 +111,10 @@ class ModelRegistry:
         model): the first model that can do the task.
         """
         # Models made for the task come first: a cross-encoder reranks before an embedder does.
-        capable = sorted((model for model in self.models if task in model.capabilities),
-                         key=lambda model: model.task != task)
+        capable = self._capable.get(task)
+        if capable is None:
+            capable = self._capable[task] = sorted((model for model in self.models if task in model.capabilities),
+                                                   key=lambda model: model.task != task)
         if name:
             for model in self.models:
                 if name == model.name or name in model.aliases:

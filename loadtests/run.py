@@ -480,9 +480,15 @@ def _row(entry: dict[str, Any]) -> str:
 
 
 def _server_cpu(entry: dict[str, Any]) -> str:
-    if "loop_cpu_us_per_request" not in entry:
-        return "-"
+    if "loop_cpu_us_per_request" not in entry or entry.get("mixed"):
+        return "-"  # (the mixed parts share one server: its CPU cannot be split between them)
     return f"{entry['loop_cpu_us_per_request']:.0f} us, {entry['engine_cpu_ms_per_request']:.2f} ms"
+
+
+def _median_loop_cpu(entries: list[dict[str, Any]]) -> str:
+    values = [entry["loop_cpu_us_per_request"] for entry in entries
+              if "loop_cpu_us_per_request" in entry and not entry.get("mixed")]
+    return f"{statistics.median(values):.0f} us" if values else "-"
 
 
 def _versus(entry: dict[str, Any]) -> float | None:
@@ -522,7 +528,7 @@ def summary(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {dtype} | {scenario} | {spread([e['texts_per_s'] for e in entries], '.0f')} | "
                      f"{spread([e['p50_ms'] for e in entries], '.2f')} | "
                      f"{spread([e['p99_ms'] for e in entries], '.1f')} | {versus_text} | "
-                     f"{statistics.median(e.get('loop_cpu_us_per_request', 0.0) for e in entries):.0f} us |")
+                     f"{_median_loop_cpu(entries)} |")
     return lines
 
 

@@ -54,17 +54,17 @@ class PayloadLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = None
+        declared = False
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit():
                 if int(value) > self.limit:
                     await render_for_path(scope["path"], self._error())(scope, receive, send)
                     return
-                declared = value
+                declared = True
             elif name == b"transfer-encoding":
-                declared = None
+                declared = False
                 break
-        if declared is not None:
+        if declared:
             # The server reads no more than the declared length, so there is nothing left to count.
             await self.app(scope, receive, send)
             return

@@ -157,7 +157,7 @@ async def health(request: Request) -> Response:
     """Liveness: 200 with an empty body while the server and its batch workers run (also while it
     drains on shutdown); 503 `{"error": "unhealthy", ...}` if a worker has died.
 
-    `curl -i localhost:8080/health`
+    `curl -i localhost:8080/health` (HEAD answers the same status without a body)
     """
     registry = getattr(request.app.state, "registry", None)
     if registry is None or not all(m.batcher is not None and m.batcher.alive for m in registry.models):
@@ -175,3 +175,8 @@ async def ready(request: Request) -> Response:
     if not request.app.state.ready:
         raise ApiError(ErrorKind.UNHEALTHY, "not ready")
     return deps.json_response({"status": "ready", "models": deps.registry(request).names()})
+
+
+# Probes that send HEAD get the same status without a body (outside the OpenAPI document: same operation).
+for _path, _endpoint in (("/health", health), ("/ready", ready)):
+    router.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)

@@ -25,8 +25,12 @@ def test_request_ids_are_echoed_or_made(client: TestClient) -> None:
 def test_ready_and_health(client: TestClient) -> None:
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json() == {"status": "ready", "models": ["tiny-bge"]}
+    for path in ("/health", "/ready"):
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b""
     client.app.state.ready = False  # type: ignore[attr-defined]
     assert client.get("/ready").status_code == 503
+    assert client.head("/ready").status_code == 503
     assert client.get("/health").status_code == 200, "liveness holds while draining"
 
 

@@ -2,15 +2,76 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 from service.config import Settings
 from service.core.loading import StartupError
 
 logger = logging.getLogger("embedrank.server")
+
+
+class CoalescingTransport:
+    """A transport whose writes within one turn of the event loop leave in one system call.
+
+    uvicorn writes a response's status line and headers, then its body, as two writes: two sends and two
+    TCP segments for every answer. Held until the loop's next turn (the same turn's callbacks run first,
+    so nothing waits on a timer), the two go out together with one `writelines`. Everything else is the
+    transport's own.
+    """
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if not pending or self._transport.is_closing():
+            return  # the connection went away; uvicorn marks the request disconnected
+        if len(pending) == 1:
+            self._transport.write(pending[0])
+        else:
+            self._transport.writelines(pending)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def http_protocol() -> Any:
+    """uvicorn's httptools protocol writing through `CoalescingTransport` ("auto" where httptools is missing)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class CoalescingHttpProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
+
+    return CoalescingHttpProtocol
 
 
 def run_server(settings: Settings) -> int:
@@ -36,7 +97,7 @@ def run_server(settings: Settings) -> int:
         registry.stop()
         return 1
     config = uvicorn.Config(app, host=settings.hostname, port=settings.port, log_config=None, access_log=False,
-                            loop="auto", http="auto", lifespan="on",
+                            loop="auto", http=http_protocol(), lifespan="on",
                             timeout_graceful_shutdown=settings.graceful_shutdown_seconds)
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:

@@ -103,6 +103,45 @@ def test_health_answers_while_a_long_batch_runs(server: RunningServer) -> None:
     assert asyncio.run(scenario()) < 0.5
 
 
+def test_pipelined_requests_head_and_expect_continue_on_one_connection(server: RunningServer) -> None:
+    """Answers leave through the coalescing transport: each whole, in request order, a HEAD answer
+    without a body, and the interim 100 Continue before the final answer."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    bodies = [f'{{"inputs": "{text}"}}'.encode() for text in TEXTS[:3]]
+    requests = b"".join(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(body), body) for body in bodies)
+    requests += b"HEAD /health HTTP/1.1\r\nhost: x\r\n\r\n"
+    continued = b'{"inputs": "expect"}'
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(requests)
+        stream = connection.makefile("rb")
+
+        def answer(has_body: bool = True) -> tuple[int, dict[str, str], bytes]:
+            status = int(stream.readline().split()[1])
+            headers = {}
+            while (line := stream.readline()) != b"\r\n":
+                name, _, value = line.decode().partition(":")
+                headers[name.lower()] = value.strip()
+            length = int(headers.get("content-length", 0)) if has_body else 0
+            return status, headers, stream.read(length)
+
+        for text in TEXTS[:3]:
+            status, headers, body = answer()
+            expected = httpx.post(server.url + "/embed", json={"inputs": text}, timeout=30).json()
+            assert status == 200 and headers["content-type"] == "application/json"
+            assert np.allclose(np.array(httpx.Response(200, content=body).json()), expected, atol=1e-6)
+        status, headers, body = answer(has_body=False)
+        assert status == 200 and body == b"" and "x-request-id" in headers
+        connection.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nexpect: 100-continue"
+                           b"\r\ncontent-length: %d\r\n\r\n" % len(continued))
+        assert stream.readline() == b"HTTP/1.1 100 Continue\r\n" and stream.readline() == b"\r\n"
+        connection.sendall(continued)
+        status, _, body = answer()
+        assert status == 200 and len(httpx.Response(200, content=body).json()[0]) == 384
+
+
 def test_overload_is_refused_with_429(minilm_bundle: Path, work_dir: Path) -> None:
     with running_server(["--model-id", str(minilm_bundle), "--max-concurrent-requests", "2"],
                         work_dir / "logs") as small:

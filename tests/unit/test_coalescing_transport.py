@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -44,7 +44,7 @@ async def _read_available(peer: socket.socket) -> list[bytes]:
 
 
 @pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
-def test_writes_of_one_turn_leave_together_in_order(loop_factory: type) -> None:
+def test_writes_of_one_turn_leave_together_in_order(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
     async def scenario() -> None:
         async with _connected() as (coalescing, _, peer):
             coalescing.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")

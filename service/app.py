@@ -25,7 +25,7 @@ from service.config import Settings
 from service.core.embed import Limits
 from service.core.loading import load_configured
 from service.core.registry import ModelRegistry, batch_observer
-from service.deps import ITEMS_HEADER, raw_header
+from service.deps import FACTS, ResponseFacts, raw_header
 from service.engines.layout import thread_layout
 from service.engines.ort_engine import default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
@@ -135,29 +135,14 @@ class EarlyRefusal:
         await self.app(scope, receive, send)
 
 
-_PHASES = [(phase, f"x-{phase}-time") for phase in ("queue", "tokenization", "inference")]
-
-
 class RequestObserver:
     """Per request: an id (X-Request-ID accepted or made, echoed, on every log line), metrics by route
     template, model and status, and one access-log line. Pure ASGI, so bodies are never buffered."""
 
-    _ECHOED = (b"x-model", b"x-compute-tokens", b"x-queue-time", b"x-inference-time", b"x-tokenization-time",
-               b"x-embedrank-items")
-
     def __init__(self, app: ASGIApp, metrics: Metrics, log_requests: bool) -> None:
         self.app = app
-        self.metrics = metrics
+        self.requests = metrics.requests
         self.log_requests = log_requests
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, remembered: the lookup validates and locks on every call."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -167,21 +152,19 @@ class RequestObserver:
         given = raw_header(scope, b"x-request-id")
         request_id = given if 0 < len(given) <= 128 and given.isprintable() else _new_request_id()
         token = REQUEST_ID.set(request_id)
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
         status = 500
-        facts: dict[str, str] = {}
+        facts: ResponseFacts | None = None
 
         async def capture(message: Message) -> None:
-            nonlocal status
+            nonlocal status, facts
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = []
-                for name, value in message.get("headers", []):
-                    if name in self._ECHOED:
-                        facts[name.decode()] = value.decode("latin-1")
-                    if name != ITEMS_HEADER:
-                        headers.append((name, value))
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
-                message = {**message, "headers": headers}
+                facts = message.get(FACTS)
+                if facts is not None:  # our JSON answers: the header list is this answer's own
+                    message["headers"].append(id_header)
+                else:
+                    message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
         try:
@@ -189,19 +172,20 @@ class RequestObserver:
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
-            model = facts.get("x-model", "")
-            self._child(self.metrics.requests, route, model, str(status)).inc()
-            self._child(self.metrics.request_seconds, route, "total").observe(elapsed)
-            for phase, header in _PHASES:
-                value = facts.get(header)
-                if value:
-                    self._child(self.metrics.request_seconds, route, phase).observe(float(value) / 1000)
+            timings = facts.timings if facts is not None else None
+            self.requests.count(route, facts.model if facts is not None else "", status)
+            self.requests.observe(route, "total", elapsed)
+            if timings is not None:
+                self.requests.observe(route, "queue", timings.queue / 1000)
+                self.requests.observe(route, "tokenization", timings.tokenization / 1000)
+                self.requests.observe(route, "inference", timings.inference / 1000)
             if self.log_requests and access_logger.isEnabledFor(logging.INFO):
+                model = facts.model if facts is not None else ""
                 fields = {"method": scope["method"], "route": route, "status": status, "model": model or None,
-                          "items": int(facts.get("x-embedrank-items", 0)),
-                          "tokens": int(facts.get("x-compute-tokens", 0)), "total_ms": round(elapsed * 1000, 3),
-                          "queue_ms": float(facts.get("x-queue-time", 0)),
-                          "inference_ms": float(facts.get("x-inference-time", 0))}
+                          "items": facts.items if facts is not None else 0,
+                          "tokens": facts.tokens if facts is not None else 0, "total_ms": round(elapsed * 1000, 3),
+                          "queue_ms": round(timings.queue, 3) if timings is not None else 0.0,
+                          "inference_ms": round(timings.inference, 3) if timings is not None else 0.0}
                 access_logger.info("%s %s %s %.1fms model=%s items=%s tokens=%s", scope["method"], scope["path"],
                                    status, elapsed * 1000, model or "-", fields["items"], fields["tokens"],
                                    extra={"fields": fields})

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
-from starlette.types import Receive, Scope
+from starlette.types import Receive, Scope, Send
 
 from service.batching.batcher import PendingRequest
 from service.core.embed import Limits, Timings, Usage, WaitHook
@@ -17,8 +17,6 @@ from service.core.registry import ModelRegistry, ServedModel
 from service.errors import ApiError, ErrorKind
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-# Items per request, for the access log; the observer removes it before the response leaves.
-ITEMS_HEADER = b"x-embedrank-items"
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -92,18 +90,40 @@ def parse_body(request: Request, data: Any, schema: type[T], surface: str | None
         raise ApiError(ErrorKind.VALIDATION, details or "invalid request") from None
 
 
+# The key of a JSON answer's `http.response.start` message that carries its `ResponseFacts`.
+FACTS = "embedrank.facts"
+
+
+class ResponseFacts(NamedTuple):
+    """What an answer tells the request observer (metrics, access log), so it need not read headers back."""
+
+    model: str
+    items: int
+    tokens: int
+    timings: Timings | None
+
+
 class JsonResponse(Response):
-    """A JSON answer whose headers arrive already encoded (the base class would encode a dict again)."""
+    """A JSON answer whose headers arrive already encoded (the base class would encode a dict again). Its start
+    message carries its `ResponseFacts` and a header list made for this answer alone, which the layers in front
+    may extend in place."""
 
     media_type = "application/json"
 
-    def __init__(self, body: bytes, status_code: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, body: bytes, status_code: int, raw_headers: list[tuple[bytes, bytes]],
+                 facts: ResponseFacts) -> None:
         self.status_code = status_code
         self.background = None
         self.body = body
-        raw_headers.append((b"content-length", str(len(body)).encode()))
+        raw_headers.append((b"content-length", b"%d" % len(body)))
         raw_headers.append((b"content-type", b"application/json"))
         self.raw_headers = raw_headers
+        self.facts = facts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers,
+                    FACTS: self.facts})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 def raw_header(scope: Scope, name: bytes) -> str:
@@ -121,22 +141,22 @@ def json_response(body: Any, timings: Timings | None = None, usage: Usage | None
     if model is not None:
         headers.append((b"x-model", model.name.encode("latin-1")))
     if timings is not None:
-        total = f"{timings.total:.3f}".encode()
+        total = b"%.3f" % timings.total
         headers += [
-            (b"x-compute-type", (compute_type(model) if model is not None else "cpu").encode()),
+            (b"x-compute-type", compute_type(model).encode() if model is not None else b"cpu"),
             (b"x-compute-time", total),
             (b"x-total-time", total),
-            (b"x-tokenization-time", f"{timings.tokenization:.3f}".encode()),
-            (b"x-queue-time", f"{timings.queue:.3f}".encode()),
-            (b"x-inference-time", f"{timings.inference:.3f}".encode()),
+            (b"x-tokenization-time", b"%.3f" % timings.tokenization),
+            (b"x-queue-time", b"%.3f" % timings.queue),
+            (b"x-inference-time", b"%.3f" % timings.inference),
         ]
     if usage is not None:
-        headers += [(ITEMS_HEADER, str(usage.items).encode()),
-                    (b"x-compute-characters", str(usage.characters).encode()),
-                    (b"x-compute-tokens", str(usage.tokens).encode())]
+        headers += [(b"x-compute-characters", b"%d" % usage.characters), (b"x-compute-tokens", b"%d" % usage.tokens)]
         if usage.truncated:
-            headers.append((b"x-truncated-inputs", str(usage.truncated).encode()))
-    return JsonResponse(orjson.dumps(body, option=_JSON_OPTIONS), status_code, headers)
+            headers.append((b"x-truncated-inputs", b"%d" % usage.truncated))
+    facts = ResponseFacts(model.name if model is not None else "", usage.items if usage is not None else 0,
+                          usage.tokens if usage is not None else 0, timings)
+    return JsonResponse(orjson.dumps(body, option=_JSON_OPTIONS), status_code, headers, facts)
 
 
 def compute_type(model: ServedModel) -> str:

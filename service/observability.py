@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import bisect
 import contextvars
+import itertools
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from service.batching.batcher import BatchStats
 
@@ -25,10 +29,7 @@ class Metrics:
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds; Python GC counts
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self.requests = Counter("embedrank_requests_total", "Requests by route, model and status code",
-                                ["route", "model", "status"], registry=self.registry)
-        self.request_seconds = Histogram("embedrank_request_duration_seconds", "Request latency by phase",
-                                         ["route", "phase"], buckets=_SECONDS, registry=self.registry)
+        self.requests = RequestMetrics(self.registry, _SECONDS)
         self.batch_size = Histogram("embedrank_batch_size", "Items per forward pass", ["model"],
                                     buckets=_BATCH_SIZES, registry=self.registry)
         self.batch_tokens = Histogram("embedrank_batch_tokens", "Padded tokens per forward pass", ["model"],
@@ -65,6 +66,48 @@ class Metrics:
         self.queue_depth.labels(model).set(stats.queue_depth)
         self.tokens.labels(model).inc(stats.real_tokens)
         self.padding.labels(model).inc(stats.padded_tokens - stats.real_tokens)
+
+
+class RequestMetrics:
+    """`embedrank_requests_total{route,model,status}` and `embedrank_request_duration_seconds{route,phase}`,
+    kept as plain numbers and handed to Prometheus when it scrapes.
+
+    Every request adds one count and up to four latencies. prometheus_client's own counter and histogram take
+    a lock for each value they change (ten a request here); these are only ever changed and read on the event
+    loop's thread (the request observer writes them, /metrics is served there), so they need none.
+    """
+
+    def __init__(self, registry: CollectorRegistry, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self._bounds = [repr(float(bound)) for bound in buckets] + ["+Inf"]  # Prometheus's `le` labels
+        self._counts: dict[tuple[str, str, str], int] = {}
+        # per (route, phase): observations in each bucket (not cumulative; the last is +Inf), then their sum
+        self._histograms: dict[tuple[str, str], list[float]] = {}
+        registry.register(self)
+
+    def count(self, route: str, model: str, status: int) -> None:
+        key = (route, model, str(status))
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def observe(self, route: str, phase: str, seconds: float) -> None:
+        histogram = self._histograms.get((route, phase))
+        if histogram is None:
+            histogram = self._histograms[(route, phase)] = [0.0] * (len(self.buckets) + 2)
+        histogram[bisect.bisect_left(self.buckets, seconds)] += 1  # the first bucket whose bound is >= seconds
+        histogram[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("embedrank_requests", "Requests by route, model and status code",
+                                       labels=["route", "model", "status"])
+        for counted, value in list(self._counts.items()):
+            requests.add_metric(list(counted), value)
+        yield requests
+        durations = HistogramMetricFamily("embedrank_request_duration_seconds", "Request latency by phase",
+                                          labels=["route", "phase"])
+        for observed, histogram in list(self._histograms.items()):
+            cumulative = itertools.accumulate(histogram[:-1])
+            durations.add_metric(list(observed), list(zip(self._bounds, cumulative, strict=True)), histogram[-1])
+        yield durations
 
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")

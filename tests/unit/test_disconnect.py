@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from service.batching.batcher import PendingRequest
-from service.deps import until_disconnect
+from service.deps import until_disconnect, waiting_on
 from service.errors import ApiError, ErrorKind
 
 
@@ -72,3 +72,26 @@ def test_a_slow_answer_from_a_client_that_stays_is_returned() -> None:
 
     results, pending = asyncio.run(scenario())
     assert results == ["late"] and not pending.cancelled and connection.calls == 1
+
+
+def test_many_waits_share_one_timer_and_each_is_judged_alone() -> None:
+    leaving = [Connection(leaves_after=0.02) for _ in range(10)]
+    quick = [Connection(leaves_after=0.0) for _ in range(10)]
+
+    async def scenario() -> tuple[list[Any], list[Any], int]:
+        loop = asyncio.get_running_loop()
+        pendings = [_pending(loop) for _ in range(20)]
+        for number, pending in enumerate(pendings[10:]):
+            loop.call_later(0.001 * number, pending.future.set_result, [number])
+        waits = [until_disconnect(SimpleNamespace(receive=connection.receive), after=0.05)(pending)
+                 for connection, pending in zip(leaving + quick, pendings, strict=True)]
+        outcomes = await asyncio.gather(*waits, return_exceptions=True)
+        return outcomes, pendings, len(waiting_on(loop).deadlines)
+
+    outcomes, pendings, still_waiting = asyncio.run(scenario())
+    assert all(isinstance(outcome, ApiError) and outcome.kind == ErrorKind.CANCELLED for outcome in outcomes[:10])
+    assert outcomes[10:] == [[number] for number in range(10)]
+    assert all(pending.cancelled for pending in pendings[:10]) and not any(p.cancelled for p in pendings[10:])
+    assert [connection.calls for connection in leaving] == [1] * 10
+    assert [connection.calls for connection in quick] == [0] * 10
+    assert still_waiting == 0

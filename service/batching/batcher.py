@@ -5,7 +5,8 @@ as soon as it is free. There is no fixed wait: a lone request runs at once. The 
 requests already admitted and being tokenized (announced), bounded by `max_wait_seconds`, so that a
 burst of requests forms one full batch, not several small ones. Each request learns its result
 through one asyncio future, resolved from the worker with `call_soon_threadsafe` once its last
-item is done.
+item is done (one call for all the requests a pass finishes). An item whose output the batch runner
+returns as an `ApiError` fails its own request only.
 A failed forward pass fails the requests in that batch only; the worker keeps serving.
 After `idle_seconds` with nothing to do following some work, one worker calls `on_idle` once (the
 server hands the engine's unused memory back to the system there), so memory grown by a burst of
@@ -42,7 +43,8 @@ logger = logging.getLogger("embedrank.batcher")
 _IDLE = -1  # what `_wait_for_work` returns when the worker should run `on_idle`
 
 # Runs one forward pass: the items' tokens, per item the tag its request was submitted with, and
-# whether the pass is lone (no other pass running, nothing queued or announced when it was formed).
+# whether the pass is lone (no other pass running, nothing queued or announced when it was formed); one
+# output per item, or an `ApiError` that fails that item's request alone.
 BatchRunner = Callable[[list[TokenizedItem], list[str], bool], Sequence[Any]]
 
 
@@ -89,9 +91,10 @@ class _Item:
     tokens: TokenizedItem
 
 
-def _resolve(request: PendingRequest) -> None:
-    if not request.future.done():
-        request.future.set_result(request.results)
+def _resolve(requests: list[PendingRequest]) -> None:
+    for request in requests:
+        if not request.future.done():
+            request.future.set_result(request.results)
 
 
 def _fail(request: PendingRequest, error: BaseException) -> None:
@@ -303,16 +306,25 @@ class DynamicBatcher:
         touched: dict[int, PendingRequest] = {}
         for item, output in zip(batch, outputs, strict=True):
             request = item.request
+            touched[id(request)] = request
+            if request.failed:
+                continue
+            if isinstance(output, ApiError):  # this item's output is unusable: its request fails, not the batch
+                request.failed = True
+                request.loop.call_soon_threadsafe(_fail, request, output)
+                continue
             request.results[item.index] = output
             request.remaining -= 1
-            touched[id(request)] = request
             if request.remaining == 0:
                 finished[id(request)] = request
         for request in touched.values():
             request.inference_seconds += elapsed
             request.last_batch_ended = ended
+        by_loop: dict[asyncio.AbstractEventLoop, list[PendingRequest]] = {}
         for request in finished.values():
-            request.loop.call_soon_threadsafe(_resolve, request)
+            by_loop.setdefault(request.loop, []).append(request)
+        for loop, requests in by_loop.items():  # one wake-up of the event loop for all the requests it finished
+            loop.call_soon_threadsafe(_resolve, requests)
         if self._on_batch is not None:
             padded = max(len(item.tokens) for item in batch) * len(batch)
             self._on_batch(BatchStats(size=len(batch), padded_tokens=padded,

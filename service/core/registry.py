@@ -22,6 +22,7 @@ TAG_UNIT = "unit"  # pooled, then scaled to unit length: one operation per batch
 TAG_TOKENS = "tokens"
 TAG_LOGITS = "logits"
 
+NON_FINITE = "the model produced non-finite values (NaN or infinity)"
 # An embedding model can also rerank (cosine to the query); a reranker is a one-label classifier.
 CAPABILITIES = {"embed": ["embed", "rerank"], "rerank": ["rerank", "classify"], "classify": ["classify"]}
 
@@ -54,8 +55,9 @@ class ServedModel:
         return CAPABILITIES[self.task]
 
     def run_batch(self, items: list[TokenizedItem], tags: list[str], lone: bool = False) -> Sequence[Any]:
-        """One forward pass (on the batcher's thread); one result per item, as its tag asks. `lone`: no
-        other pass runs or waits (the engine may then give it the whole machine)."""
+        """One forward pass (on the batcher's thread); one result per item, as its tag asks, or an `ApiError`
+        for an embedding that came out non-finite. `lone`: no other pass runs or waits (the engine may then
+        give it the whole machine)."""
         batch = self.bundle.tokenizer.pad(items)
         if self.task != "embed":
             return list(self.bundle.forward_logits(batch, lone))
@@ -66,18 +68,27 @@ class ServedModel:
         elif TAG_POOLED in tags or TAG_UNIT in tags:
             pooled = self.bundle.pool_hidden(hidden, batch)
         unit = normalize(pooled) if pooled is not None and TAG_UNIT in tags else None
+        results: list[Any]
         if hidden is None and (unit is None or TAG_POOLED not in tags):  # one kind of row: no per-row choice
             assert pooled is not None
-            return list(pooled if unit is None else unit)
-        results: list[Any] = []
-        for row, (item, tag) in enumerate(zip(items, tags, strict=True)):
-            if tag == TAG_TOKENS:
-                assert hidden is not None
-                results.append(np.array(hidden[row, :len(item)], dtype=np.float32))
-            else:
-                chosen = unit if tag == TAG_UNIT else pooled
-                assert chosen is not None
-                results.append(chosen[row])
+            results = list(pooled if unit is None else unit)
+        else:
+            results = []
+            for row, (item, tag) in enumerate(zip(items, tags, strict=True)):
+                if tag == TAG_TOKENS:
+                    assert hidden is not None
+                    results.append(np.array(hidden[row, :len(item)], dtype=np.float32))
+                else:
+                    chosen = unit if tag == TAG_UNIT else pooled
+                    assert chosen is not None
+                    results.append(chosen[row])
+        if pooled is not None:
+            # Checked once for the whole pass: a finite pooled row stays finite when scaled or cut.
+            finite = np.isfinite(pooled).all(axis=1)
+            if not finite.all():
+                for position in np.flatnonzero(~finite).tolist():
+                    if tags[position] != TAG_TOKENS:
+                        results[position] = ApiError(ErrorKind.BACKEND, NON_FINITE)
         return results
 
     def start(self, max_batch_tokens: int, max_batch_requests: int | None, on_batch: Any = None,

@@ -17,17 +17,19 @@ class FakeEngine:
     never depend on what else shares the batch. Logits (for rerank/classify bundles) are functions of the row's ids.
 
     `delay_seconds` makes every forward pass slow (overload tests); a batch containing
-    `fail_on_token` raises (error-isolation tests). `batch_sizes` records every batch it ran.
+    `fail_on_token` raises (error-isolation tests); a row containing `non_finite_on_token` comes out NaN.
+    `batch_sizes` records every batch it ran.
     """
 
     device: Device = "cpu"
 
     def __init__(self, hidden_size: int, labels: int = 0, delay_seconds: float = 0.0,
-                 fail_on_token: int | None = None) -> None:
+                 fail_on_token: int | None = None, non_finite_on_token: int | None = None) -> None:
         self.hidden_size = hidden_size
         self.labels = labels
         self.delay_seconds = delay_seconds
         self.fail_on_token = fail_on_token
+        self.non_finite_on_token = non_finite_on_token
         self.batch_sizes: list[int] = []
         self._lock = threading.Lock()
 
@@ -44,6 +46,8 @@ class FakeEngine:
         mask = batch.attention_mask[:, :, None].astype(np.float64)
         context = (tokens * mask).sum(axis=1, keepdims=True) / mask.sum(axis=1, keepdims=True)
         hidden = tokens + 0.5 * context  # every token sees its own row, as attention would
+        if self.non_finite_on_token is not None:
+            hidden[(batch.input_ids == self.non_finite_on_token).any(axis=1)] = np.nan
         if not self.labels:
             return np.asarray(hidden, dtype=np.float32)
         pooled = (hidden * mask).sum(axis=1) / mask.sum(axis=1)

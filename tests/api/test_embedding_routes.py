@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.core.registry import ServedModel
+from service.errors import ApiError
 from tests.api.conftest import client_for, fake_model
 
 
@@ -191,6 +192,27 @@ def test_engine_error_fails_one_batch_and_the_worker_keeps_serving(bge_style_bun
         assert failed.status_code == 424
         assert failed.json()["error_type"] == "Backend" and "Inference failed" in failed.json()["error"]
         assert client.post("/embed", json={"inputs": "healthy text"}).status_code == 200
+
+
+def test_a_non_finite_embedding_fails_its_own_request_only(bge_style_bundle: Path) -> None:
+    from service.core.registry import TAG_POOLED, TAG_TOKENS, TAG_UNIT
+
+    model = fake_model(bge_style_bundle, "tiny-bge")
+    broken = model.bundle.tokenizer.encode(["broken"])[0].ids[1]
+    model.bundle.engine.non_finite_on_token = broken  # type: ignore[attr-defined]
+    items = model.bundle.tokenizer.encode(["healthy text", "broken", "broken"])
+    rows = model.run_batch(items, [TAG_UNIT, TAG_POOLED, TAG_TOKENS])  # one pass: only pooled rows are checked
+    assert np.isfinite(rows[0]).all()
+    assert isinstance(rows[1], ApiError) and rows[1].status == 424
+    assert isinstance(rows[2], np.ndarray) and np.isnan(rows[2]).all()
+    with client_for([model]) as client:
+        failed = client.post("/embed", json={"inputs": ["healthy text", "broken"]})
+        assert failed.status_code == 424
+        assert failed.json() == {"error": "the model produced non-finite values (NaN or infinity)",
+                                 "error_type": "Backend"}
+        openai = client.post("/v1/embeddings", json={"input": "broken", "model": "tiny-bge"})
+        assert openai.status_code == 424 and openai.json()["error"]["type"] == "server_error"
+        assert client.post("/embed", json={"inputs": "healthy text", "normalize": False}).status_code == 200
 
 
 def test_openapi_document_lists_routes_and_error_statuses(client: TestClient) -> None:

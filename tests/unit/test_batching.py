@@ -10,7 +10,7 @@ import pytest
 from service.batching.batcher import DynamicBatcher
 from service.batching.policy import select_batch
 from service.engines.tokenizer import TokenizedItem
-from service.errors import ApiError
+from service.errors import ApiError, ErrorKind
 
 
 def item(length: int, marker: int = 1) -> TokenizedItem:
@@ -110,6 +110,44 @@ def test_failed_batch_fails_its_requests_only_and_the_worker_goes_on() -> None:
     batcher.stop()
     assert isinstance(error, ApiError) and error.status == 424 and "boom" in error.message
     assert good == [25]
+
+
+def test_an_item_returned_as_an_error_fails_its_request_alone_in_a_shared_pass() -> None:
+    gate = threading.Event()
+
+    def runner(items: list[TokenizedItem], tags: list[str], lone: bool = False) -> list[Any]:
+        gate.wait(5)
+        return [ApiError(ErrorKind.BACKEND, "unusable output") if entry.ids[0] == 9 else entry.ids[0] * 10
+                for entry in items]
+
+    batcher = DynamicBatcher("t", runner, max_batch_tokens=1000, max_batch_requests=None)
+
+    async def scenario() -> tuple[ApiError, list[Any], list[Any]]:
+        first = batcher.submit([item(3, marker=1)])  # the pass holds it while the other two queue up
+        bad = batcher.submit([item(3, marker=4), item(3, marker=9), item(3, marker=5)])
+        good = batcher.submit([item(3, marker=2), item(3, marker=3)])
+        gate.set()
+        with pytest.raises(ApiError) as raised:
+            await bad.future
+        return raised.value, await first.future, await good.future
+
+    error, first, good = asyncio.run(scenario())
+    batcher.stop()
+    assert error.status == 424 and error.message == "unusable output"
+    assert first == [10] and good == [20, 30]
+
+
+def test_requests_a_pass_finishes_are_resolved_together_in_order() -> None:
+    recorder = Recorder()
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=1000, max_batch_requests=None)
+
+    async def scenario() -> list[list[Any]]:
+        pending = [batcher.submit([item(2, marker=marker)]) for marker in range(1, 9)]
+        return [await request.future for request in pending]
+
+    results = asyncio.run(scenario())
+    batcher.stop()
+    assert results == [[marker * 10 + 2] for marker in range(1, 9)]
 
 
 def test_cancelled_requests_are_dropped_from_the_queue() -> None:

@@ -74,6 +74,17 @@ def http_protocol() -> Any:
     return CoalescingHttpProtocol
 
 
+def server_config(app: Any, settings: Settings) -> Any:
+    """uvicorn's settings for serving `app`. X-Forwarded-For is read only with tracing on, whose spans record the
+    client's address: nothing else uses it, and rewriting every request's scope for it cost about 2% of the event
+    loop's time."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.hostname, port=settings.port, log_config=None, access_log=False,
+                          loop="auto", http=http_protocol(), lifespan="on", proxy_headers=bool(settings.otlp_endpoint),
+                          timeout_graceful_shutdown=settings.graceful_shutdown_seconds)
+
+
 def run_server(settings: Settings) -> int:
     import uvicorn
 
@@ -96,9 +107,7 @@ def run_server(settings: Settings) -> int:
         print(f"error: {error}", file=sys.stderr)
         registry.stop()
         return 1
-    config = uvicorn.Config(app, host=settings.hostname, port=settings.port, log_config=None, access_log=False,
-                            loop="auto", http=http_protocol(), lifespan="on",
-                            timeout_graceful_shutdown=settings.graceful_shutdown_seconds)
+    config = server_config(app, settings)
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # Readiness drops at once; uvicorn then stops accepting, lets in-flight requests finish

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -157,29 +156,39 @@ async def tokenize(model: ServedModel, items: Sequence[TextOrPair | list[int]], 
     return result, usage
 
 
-@contextlib.contextmanager
-def admitted(model: ServedModel, limits: Limits) -> Iterator[_Ticket]:
+class Admission:
     """Hold one of the model's request slots from arrival to answer; refuse at once when none is free.
 
     The slot is taken before tokenization, so a flood of large requests cannot slip past the limit
-    while it is being tokenized.
+    while it is being tokenized. (A class, not a generator: entered and left once per request.)
     """
-    if model.in_flight >= limits.max_concurrent_requests:
-        raise ApiError(ErrorKind.OVERLOADED, "Model is overloaded", retry_after=1)
-    model.in_flight += 1
-    assert model.batcher is not None
-    model.batcher.announce()
-    ticket = _Ticket(model)
-    try:
-        yield ticket
-    finally:
+
+    __slots__ = ("ticket",)
+
+    def __init__(self, model: ServedModel, limits: Limits) -> None:
+        if model.in_flight >= limits.max_concurrent_requests:
+            raise ApiError(ErrorKind.OVERLOADED, "Model is overloaded", retry_after=1)
+        self.ticket = _Ticket(model)
+
+    def __enter__(self) -> _Ticket:
+        model = self.ticket.model
+        model.in_flight += 1
+        assert model.batcher is not None
+        model.batcher.announce()
+        return self.ticket
+
+    def __exit__(self, *exc_info: object) -> None:
+        model = self.ticket.model
         model.in_flight -= 1
-        if not ticket.submitted:
+        if not self.ticket.submitted:
+            assert model.batcher is not None
             model.batcher.withdraw()
 
 
 class _Ticket:
     """Whether an admitted request has handed its items to the batcher yet."""
+
+    __slots__ = ("model", "submitted")
 
     def __init__(self, model: ServedModel) -> None:
         self.model = model
@@ -218,7 +227,7 @@ async def process(model: ServedModel, inputs: Sequence[TextOrPair | list[int]], 
                   wait: WaitHook | None) -> tuple[list[Any], Usage, Timings]:
     """Admit, tokenize and run a request's inputs on the model's batcher; one result per input."""
     timings = Timings()
-    with admitted(model, limits) as ticket:
+    with Admission(model, limits) as ticket:
         items, usage = await tokenize(model, inputs, limits.auto_truncate if truncate is None else truncate,
                                       direction, executor, timings, limits.max_input_characters)
         rows = await run(ticket, items, tag, timings, wait, limits.queue_timeout_seconds)

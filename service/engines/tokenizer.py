@@ -68,6 +68,9 @@ class TextTokenizer:
     def _tokenizer(self, truncate: bool, direction: TruncationDirection) -> Tokenizer:
         if not truncate:
             return self._plain
+        tokenizer = self._truncating.get(direction)  # made once per direction: the lock is for making it
+        if tokenizer is not None:
+            return tokenizer
         with self._lock:
             tokenizer = self._truncating.get(direction)
             if tokenizer is None:

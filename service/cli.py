@@ -54,7 +54,6 @@ _BOOL_FLAGS = [
     ("--warmup", "warmup", "warm up before reporting ready (default true)"),
     ("--log-requests", "log_requests", "one log line per request (default true)"),
     ("--split-oversized-batches", "split_oversized_batches", "split requests over --max-client-batch-size"),
-    ("--lone-pass", "lone_pass", "run a lone int8 batch on every core, spinning (default true)"),
     ("--allow-spinning", "allow_spinning", "let ONNX Runtime threads spin between operators (default false)"),
     ("--direct-routes", "direct_routes", "serve the hot POST routes without the framework's router (default true)"),
 ]
@@ -69,6 +68,10 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _bool_or_auto(value: str) -> bool | str:
+    return "auto" if value.lower() == "auto" else _bool(value)
+
+
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, field, kind, help_text in _SERVE_FLAGS:
         repeatable = field in ("model_id", "served_model_name", "cors_allow_origin", "llm")
@@ -78,6 +81,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, field, help_text in _BOOL_FLAGS:
         parser.add_argument(flag, dest=field, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS,
                             help=help_text)
+    parser.add_argument("--lone-pass", dest="lone_pass", type=_bool_or_auto, nargs="?", const=True,
+                        default=argparse.SUPPRESS, help="auto | true | false: run a lone batch on every core, "
+                        "spinning (auto: where warm-up measures it faster)")
 
 
 def serve(args: argparse.Namespace) -> int:

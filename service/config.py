@@ -92,12 +92,14 @@ class Settings(BaseSettings):
         "ONNX Runtime keeps for reuse (its arena's free blocks) back to the system, so RSS grown by large or "
         "long batches does not stay resident while the server is quiet; the next burst allocates it again "
         "(a few milliseconds once). 0 keeps it.")
-    lone_pass: bool = Field(
-        True, description="On CPU, run a lone batch (no other pass running, nothing waiting) on a second "
+    lone_pass: Literal["auto"] | bool = Field(
+        "auto", description="On CPU, run a lone batch (no other pass running, nothing waiting) on a second "
         "session that uses every core and spins between operators until the pass ends; the sessions that serve "
-        "concurrent load never spin. A lone request is answered sooner (fp32 p50 3.7 -> 3.1 ms; int8 batch 1 "
-        "1.0-1.3 ms instead of 1.3-2.3 ms on its one-thread passes) for a second copy of the weights (about "
-        "90 MB for MiniLM fp32, 60 MB int8).")
+        "concurrent load never spin. It costs a second copy of the weights (about 90 MB for MiniLM fp32, 60 MB "
+        "int8) and answers a lone request sooner only where a short pass gains from more threads: auto times a "
+        "short lone request on both sessions during warm-up and keeps the second one only where it is at least "
+        "10% faster (MiniLM fp32 on 2 cores: 2.5-3.2 ms against 5.3-5.7; int8 on an AVX-512/AMX Xeon: "
+        "1.9-2.1 ms against 1.75, so it goes). true keeps it, false never makes it.")
     allow_spinning: bool = Field(
         False, description="Let ONNX Runtime's threads spin while waiting for work between operators. Faster "
         "forward passes when the machine has nothing else to do; on small machines spinning threads take the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import subprocess
 import sys
 import time
@@ -89,9 +90,44 @@ def choose_variant(available: list[str], dtype: str, device: str, bundle: Path) 
     return dtype
 
 
-def warm_up(model: ServedModel, pass_tokens: int, max_batch_requests: int | None) -> None:
+# The lone-pass session is kept (with lone_pass auto) only where a short lone request is at least this much
+# faster on it than on a main session: it costs a second copy of the weights and two spinning threads.
+LONE_PASS_MIN_GAIN = 0.10
+LONE_PASS_TIMING_TEXT = "How long does one short request take on this machine, alone?"
+
+
+def time_lone_pass(model: ServedModel, samples: int = 15) -> tuple[float, float]:
+    """Median milliseconds of a short lone request's pass on the lone session and on a main one, timed in
+    turn (after one untimed pass each), so a slow spell of the machine weighs on both alike."""
+    items = model.bundle.tokenizer.encode([LONE_PASS_TIMING_TEXT])
+    tags = ["logits" if model.task != "embed" else "pooled"]
+    timings: dict[bool, list[float]] = {True: [], False: []}
+    for sample in range(samples + 1):
+        for lone in (True, False):
+            started = time.perf_counter()
+            model.run_batch(items, tags, lone)
+            if sample:
+                timings[lone].append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings[True]), statistics.median(timings[False])
+
+
+def decide_lone_pass(model: ServedModel, lone_ms: float, main_ms: float) -> bool:
+    """Keep the lone-pass session where it was measured at least `LONE_PASS_MIN_GAIN` faster; else drop it."""
+    keep = lone_ms <= main_ms * (1 - LONE_PASS_MIN_GAIN)
+    if not keep:
+        model.bundle.engine.drop_lone_session()  # type: ignore[attr-defined]
+        if model.layout is not None:
+            model.layout = replace(model.layout, lone_threads=None)
+    logger.info("%s: a short lone request takes %.2f ms on the lone-pass session and %.2f ms without; %s",
+                model.name, lone_ms, main_ms, "keeping it" if keep else "not keeping it (--lone-pass true keeps it)")
+    return keep
+
+
+def warm_up(model: ServedModel, pass_tokens: int, max_batch_requests: int | None,
+            choose_lone_pass: bool = False) -> None:
     """Run the shapes the batcher will use: a lone short input, a full batch of short ones, and the
-    longest inputs at the widest batch a pass holds (`pass_tokens`, capped to keep start-up quick)."""
+    longest inputs at the widest batch a pass holds (`pass_tokens`, capped to keep start-up quick).
+    With `choose_lone_pass`, keep the lone-pass session only if it is measured faster (`decide_lone_pass`)."""
     max_length = model.manifest.max_length
     limit = max_batch_requests or 1 << 30
     shapes = [(1, 8), (min(32, limit), 16)]
@@ -107,6 +143,8 @@ def warm_up(model: ServedModel, pass_tokens: int, max_batch_requests: int | None
         model.run_batch(items, [tags] * count)
         if lone_session and position < 2:  # lone batches are mostly small: its short shapes only, for a quick start
             model.run_batch(items, [tags] * count, True)
+    if lone_session and choose_lone_pass:
+        decide_lone_pass(model, *time_lone_pass(model))
     # The widest warm-up batch grew the arena; give that back so an idle server stays small (traffic
     # with big batches grows it again, up to what --max-batch-tokens allows).
     release = getattr(model.bundle.engine, "release_memory", None)
@@ -116,9 +154,10 @@ def warm_up(model: ServedModel, pass_tokens: int, max_batch_requests: int | None
 
 def load_models(model_ids: list[str], served_names: list[str], models_dir: Path, device: str, dtype: str,
                 session_config: SessionConfig, max_batch_tokens: int, max_batch_requests: int | None,
-                warmup: bool = True, engine_workers: int | None = None, lone_pass: bool = True,
+                warmup: bool = True, engine_workers: int | None = None, lone_pass: bool | None = None,
                 target_batch_tokens: int | None = None) -> ModelRegistry:
-    """Load every model (batchers are started by the app, which owns the metrics)."""
+    """Load every model (batchers are started by the app, which owns the metrics). `lone_pass` None: a
+    lone-pass session is made and kept only where warm-up measures it faster (kept without warm-up)."""
     if not model_ids:
         raise StartupError("no model to serve: pass --model-id models/NAME (or set MODEL_ID)")
     chosen_device = choose_device(device)
@@ -134,7 +173,7 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
             raise StartupError(f"cannot read {model_id}: {error.strerror} ({error.filename})") from None
         variant = choose_variant(list(manifest.variants), dtype, chosen_device, directory)
         layout = thread_layout(variant, chosen_device, default_intra_op_threads(),
-                               session_config.intra_op_threads or None, engine_workers, lone_pass,
+                               session_config.intra_op_threads or None, engine_workers, lone_pass is not False,
                                session_config.allow_spinning or session_config.spin_microseconds > 0)
         if chosen_device == "cuda" and dtype == "auto" and variant != "float16":
             logger.info("%s has no float16 variant; running float32 on CUDA", directory)
@@ -154,9 +193,9 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
             raise StartupError(f"two models are served as '{name}'; use --served-model-name to tell them apart")
         if warmup:
             warm_up(model, pass_token_budget(chosen_device, max_batch_tokens, target_batch_tokens),
-                    max_batch_requests)
+                    max_batch_requests, choose_lone_pass=lone_pass is None)
         logger.info("serving %s (%s, %s %s; %s) from %s, ready in %.2fs", name, manifest.task, chosen_device,
-                    variant, layout.describe(), directory, time.perf_counter() - started)
+                    variant, (model.layout or layout).describe(), directory, time.perf_counter() - started)
         served.append(model)
     return ModelRegistry(served)
 
@@ -167,5 +206,6 @@ def load_configured(settings: Settings) -> ModelRegistry:
                            allow_spinning=settings.allow_spinning, spin_microseconds=settings.spin_microseconds)
     return load_models(settings.model_id, settings.served_model_name, settings.models_dir, settings.device,
                        settings.dtype, config, settings.max_batch_tokens, settings.max_batch_requests,
-                       warmup=settings.warmup, engine_workers=settings.engine_workers, lone_pass=settings.lone_pass,
+                       warmup=settings.warmup, engine_workers=settings.engine_workers,
+                       lone_pass=None if settings.lone_pass == "auto" else bool(settings.lone_pass),
                        target_batch_tokens=settings.target_batch_tokens)

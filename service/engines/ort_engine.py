@@ -201,6 +201,10 @@ class OrtEngine:
     def has_lone_session(self) -> bool:
         return self._lone_session is not None
 
+    def drop_lone_session(self) -> None:
+        """Serve lone passes on the main session from now on (the second session's memory goes with it)."""
+        self._lone_session = None
+
     def forward(self, batch: EncodedBatch, lone: bool = False) -> NDArray[np.float32]:
         feeds = self._feeds(batch)
         if lone and self._lone_session is not None:

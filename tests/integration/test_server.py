@@ -213,7 +213,7 @@ def test_sigterm_finishes_accepted_requests_then_exits_0(bge_style_bundle: Path,
 
 
 def test_idle_memory_and_thread_priorities(minilm_bundle: Path, tmp_path: Path) -> None:
-    with running_server(["--model-id", str(minilm_bundle)], tmp_path) as running:
+    with running_server(["--model-id", str(minilm_bundle), "--lone-pass", "true"], tmp_path) as running:
         pid = running.process.pid
         # fp32 with its lone-pass session (two copies of the weights) stays under 350 MB when ready; the
         # warm-up's widest batch is handed back before the server reports ready, and that batch is no

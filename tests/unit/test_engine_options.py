@@ -57,3 +57,44 @@ def test_lone_session_is_wide_spins_and_agrees(bge_style_bundle: Path) -> None:
     plain = BundleModel(bge_style_bundle, session_config=SessionConfig(intra_op_threads=1))
     assert not plain.engine.has_lone_session  # type: ignore[attr-defined]
     np.testing.assert_array_equal(plain.forward_pooled(batch, lone=True), plain.forward_pooled(batch))
+
+
+def test_lone_pass_session_is_kept_only_where_it_was_measured_faster(bge_style_bundle: Path) -> None:
+    """With --lone-pass auto the server loads both sessions, times a short lone request on each during
+    warm-up, and keeps the second only if it was at least 10% faster; a dropped one serves nothing more."""
+    from service.config import Settings
+    from service.core.loading import decide_lone_pass, load_configured, time_lone_pass
+
+    def load(**settings: object) -> object:
+        registry = load_configured(Settings(model_id=[str(bge_style_bundle)], **settings))  # type: ignore[arg-type]
+        return registry.models[0]
+
+    model = load(lone_pass=True, warmup=False)
+    engine = model.bundle.engine  # type: ignore[attr-defined]
+    lone_ms, main_ms = time_lone_pass(model, samples=3)  # type: ignore[arg-type]
+    assert lone_ms > 0 and main_ms > 0
+    assert decide_lone_pass(model, lone_ms=0.9, main_ms=1.0)  # type: ignore[arg-type]
+    assert engine.has_lone_session and model.layout.lone_threads == 2  # type: ignore[attr-defined]
+    assert not decide_lone_pass(model, lone_ms=0.95, main_ms=1.0)  # type: ignore[arg-type]
+    assert not engine.has_lone_session and model.layout.lone_threads is None  # type: ignore[attr-defined]
+    assert "lone batch" not in model.layout.describe()  # type: ignore[attr-defined]
+    batch = model.bundle.tokenizer.pad(model.bundle.tokenizer.encode(["still answered"]))  # type: ignore[attr-defined]
+    assert model.bundle.forward_pooled(batch, lone=True).shape == (1, 32)  # type: ignore[attr-defined]
+
+    measured = load(warmup=True)  # auto: whichever the timing chose, the engine and the layout agree
+    assert measured.bundle.engine.has_lone_session == (measured.layout.lone_threads is not None)  # type: ignore[attr-defined]
+    assert not load(lone_pass=False, warmup=True).bundle.engine.has_lone_session  # type: ignore[attr-defined]
+    assert load(lone_pass=True, warmup=True).bundle.engine.has_lone_session  # type: ignore[attr-defined]
+
+
+def test_lone_pass_flag_takes_auto_true_and_false() -> None:
+    import argparse
+
+    from service.cli import _add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    _add_serve_arguments(parser)
+    assert not hasattr(parser.parse_args([]), "lone_pass")  # the setting's default, auto, applies
+    assert parser.parse_args(["--lone-pass", "auto"]).lone_pass == "auto"
+    assert parser.parse_args(["--lone-pass"]).lone_pass is True
+    assert parser.parse_args(["--lone-pass", "false"]).lone_pass is False

@@ -32,9 +32,9 @@ from service.engines.bundle import BundleModel
 from service.engines.fake import FakeEngine
 
 
-def _app(bundle: Path) -> Any:
+def _app(bundle: Path, engine_class: type[FakeEngine] = FakeEngine) -> Any:
     manifest = load_manifest(bundle)
-    engine = FakeEngine(manifest.hidden_size)
+    engine = engine_class(manifest.hidden_size)
     model = ServedModel(name=manifest.name, bundle=BundleModel(bundle, manifest=manifest, engine=engine),
                         variant="float32", device="cpu")
     return create_app(Settings(log_level="warning"), ModelRegistry([model]))

@@ -188,13 +188,19 @@ def rerank_ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, floa
     return result
 
 
-def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str, Any], scratch: Path,
-               server_args: tuple[str, ...] = ()) -> None:
+def rerank_bodies(scratch: Path) -> Path:
+    """The rerank scenario's request bodies: a short query and RERANK_DOCUMENTS documents each."""
     bodies = scratch / "rerank.jsonl"
     with bodies.open("w") as handle:
         for index in range(200):
             handle.write(json.dumps({"query": SHORT_TEXTS[index % len(SHORT_TEXTS)],
                                      "texts": rerank_documents(index)}) + "\n")
+    return bodies
+
+
+def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str, Any], scratch: Path,
+               server_args: tuple[str, ...] = ()) -> None:
+    bodies = rerank_bodies(scratch)
     for dtype in dtypes:
         base = rerank_ceiling(bundle, dtype, max(2.0, seconds / 3))
         with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
@@ -208,13 +214,15 @@ def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str
 
 
 @contextlib.contextmanager
-def serving(bundle: Path, *arguments: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def serving(bundle: Path, *arguments: str,
+            checkout: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real `embedrank serve` on 127.0.0.1 for the duration of the block: (base URL, process).
-    The seconds from launch to the first 200 on /health are kept in `STARTUPS[pid]`."""
+    The seconds from launch to the first 200 on /health are kept in `STARTUPS[pid]`. `checkout`: serve
+    the code of another checkout of this repository (its `service` package), with this interpreter."""
     port = _free_port()
     launched = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model-id", str(bundle),
-                               "--port", str(port), "--log-level", "warning", *arguments])
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model-id", str(bundle.resolve()),
+                               "--port", str(port), "--log-level", "warning", *arguments], cwd=checkout)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, server)

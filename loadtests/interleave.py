@@ -1,0 +1,124 @@
+"""Two versions of the server side by side: one scenario, two live servers, wrk runs taken in turn.
+
+    git worktree add /tmp/baseline HEAD~1
+    python -m loadtests.interleave --baseline /tmp/baseline --bundle models/all-MiniLM-L6-v2 \\
+        --dtype int8 --scenario "32 clients x 1 text" --runs 8
+
+On this project's machine two servers started one after the other can differ by 25% on the same
+code, and its speed drifts by as much within an hour, so alternating whole `loadtests.run` passes
+cannot resolve a change of 5-10%. Here a server of each version (`--baseline`, another checkout of
+this repository, and `--candidate`, this one by default) is started at the same time, both are warmed
+up, and each round drives one and then the other with wrk for `--seconds`, the order swapped every
+round so that neither always goes first. Each run prints texts (pairs)/s, p50, the forward passes'
+mean size and the server's CPU per request (event loop, other threads); the summary gives both means,
+their ratio and in how many rounds the candidate was ahead. Both servers run this interpreter with
+the same arguments (`--server-arg`, repeatable); the idle one costs nothing while the other runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtests import run as scenarios
+
+
+def _pass_counters(url: str) -> tuple[float, float]:
+    """(items, forward passes) so far, from the server's /metrics."""
+    items = passes = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("embedrank_batch_size_sum{"):
+            items += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("embedrank_batch_size_count{"):
+            passes += float(line.rsplit(" ", 1)[1])
+    return items, passes
+
+
+def _bodies(scenario: str, scratch: Path) -> tuple[Path, int, str]:
+    """(bodies file, connections, route) for a scenario of `loadtests.run`, the rerank one included."""
+    if "rerank" in scenario:
+        return scenarios.rerank_bodies(scratch), 8, "/rerank"
+    chosen = next((candidate for candidate in scenarios.SCENARIOS if candidate.name == scenario), None)
+    if chosen is None:
+        names = ", ".join(repr(candidate.name) for candidate in scenarios.SCENARIOS)
+        raise SystemExit(f"unknown scenario {scenario!r}: one of {names} or 'rerank'")
+    return scenarios._bodies(scratch, chosen.texts_per_request, chosen.kind), chosen.connections, "/embed"
+
+
+def measure(url: str, pid: int, bodies: Path, connections: int, route: str, seconds: float) -> dict[str, Any]:
+    items_before, passes_before = _pass_counters(url)
+    result = scenarios.run_wrk(url, bodies, connections, seconds, pid, path=route)
+    items_after, passes_after = _pass_counters(url)
+    items = items_after - items_before
+    return {"items_per_s": items / result["seconds"], "p50_ms": result["p50_ms"],
+            "items_per_pass": items / max(1.0, passes_after - passes_before),
+            "loop_us_per_request": result["loop_cpu_us_per_request"],
+            "other_threads_ms_per_request": result["engine_cpu_ms_per_request"],
+            "errors": result["socket_errors"] + result["non_2xx"]}
+
+
+def interleave(baseline: Path, candidate: Path, bundle: Path, scenario: str, runs: int, seconds: float,
+               server_args: tuple[str, ...]) -> dict[str, Any]:
+    versions = {"baseline": baseline.resolve(), "candidate": candidate.resolve()}
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in versions}
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
+        bodies, connections, route = _bodies(scenario, Path(scratch))
+        servers = {name: stack.enter_context(scenarios.serving(bundle, *server_args, checkout=checkout))
+                   for name, checkout in versions.items()}
+        for url, server in servers.values():
+            scenarios.run_wrk(url, bodies, connections, min(3.0, seconds), server.pid, path=route)
+        for round_number in range(runs):
+            order = list(servers) if round_number % 2 == 0 else list(reversed(servers))
+            for name in order:
+                url, server = servers[name]
+                entry = measure(url, server.pid, bodies, connections, route, seconds)
+                measured[name].append(entry)
+                print(f"round {round_number + 1:2d} {name:9s} {entry['items_per_s']:8.1f}/s  p50 "
+                      f"{entry['p50_ms']:8.2f} ms  {entry['items_per_pass']:5.1f} per pass  loop "
+                      f"{entry['loop_us_per_request']:6.0f} us  other threads "
+                      f"{entry['other_threads_ms_per_request']:7.3f} ms  errors {entry['errors']}", flush=True)
+    means = {name: statistics.mean(entry["items_per_s"] for entry in entries) for name, entries in measured.items()}
+    ahead = sum(new["items_per_s"] > old["items_per_s"]
+                for old, new in zip(measured["baseline"], measured["candidate"], strict=True))
+    return {"scenario": scenario, "server_args": list(server_args), "seconds": seconds, "runs": measured,
+            "mean_items_per_s": means, "ratio": means["candidate"] / means["baseline"], "candidate_ahead": ahead,
+            "loop_us_per_request": {name: statistics.mean(entry["loop_us_per_request"] for entry in entries)
+                                    for name, entries in measured.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", type=Path, required=True, help="another checkout of this repository")
+    parser.add_argument("--candidate", type=Path, default=Path("."), help="the checkout to compare (this one)")
+    parser.add_argument("--bundle", type=Path, default=Path("models/all-MiniLM-L6-v2"),
+                        help="the bundle both serve (a cross-encoder for the rerank scenario)")
+    parser.add_argument("--dtype", default="int8")
+    parser.add_argument("--scenario", default="32 clients x 1 text",
+                        help="a scenario name of loadtests.run, or 'rerank'")
+    parser.add_argument("--runs", type=int, default=8, help="wrk runs of each server")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--server-arg", action="append", default=[], dest="server_args", metavar="ARG")
+    parser.add_argument("--output", type=Path, help="write the runs and the summary here as JSON")
+    options = parser.parse_args()
+    if options.runs < 1:
+        raise SystemExit("--runs must be at least 1")
+    report = interleave(options.baseline, options.candidate, options.bundle, options.scenario, options.runs,
+                        options.seconds, ("--dtype", options.dtype, *options.server_args))
+    means = report["mean_items_per_s"]
+    print(f"baseline {means['baseline']:.1f}/s, candidate {means['candidate']:.1f}/s: {report['ratio']:.3f}x, "
+          f"candidate ahead in {report['candidate_ahead']} of {options.runs} rounds; loop "
+          f"{report['loop_us_per_request']['baseline']:.0f} -> {report['loop_us_per_request']['candidate']:.0f}"
+          " us per request")
+    if options.output is not None:
+        options.output.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

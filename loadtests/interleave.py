@@ -25,20 +25,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from loadtests import run as scenarios
 
 
-def _pass_counters(url: str) -> tuple[float, float]:
-    """(items, forward passes) so far, from the server's /metrics."""
-    items = passes = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("embedrank_batch_size_sum{"):
-            items += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("embedrank_batch_size_count{"):
-            passes += float(line.rsplit(" ", 1)[1])
-    return items, passes
+def _pass_counters(url: str) -> tuple[float, ...]:
+    """(items, forward passes) so far."""
+    return scenarios.metric_totals(url, "embedrank_batch_size_sum", "embedrank_batch_size_count")
 
 
 def _bodies(scenario: str, scratch: Path) -> tuple[Path, int, str]:

@@ -279,15 +279,19 @@ def _bodies(directory: Path, texts_per_request: int, kind: str = "short") -> Pat
     return path
 
 
-def _token_counters(url: str) -> tuple[float, float]:
-    """(real tokens, padding tokens) computed so far, from the server's /metrics."""
-    real = padding = 0.0
+def metric_totals(url: str, *names: str) -> tuple[float, ...]:
+    """Each named series of the server's /metrics summed over its labels, in the order given."""
+    totals = dict.fromkeys(names, 0.0)
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("embedrank_tokens_total{"):
-            real += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("embedrank_padding_tokens_total{"):
-            padding += float(line.rsplit(" ", 1)[1])
-    return real, padding
+        name = line.split("{", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return tuple(totals[name] for name in names)
+
+
+def _token_counters(url: str) -> tuple[float, ...]:
+    """(real tokens, padding tokens) computed so far."""
+    return metric_totals(url, "embedrank_tokens_total", "embedrank_padding_tokens_total")
 
 
 def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid: int,

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -118,7 +118,7 @@ class TextTokenizer:
             else:
                 results.append(TokenizedItem(*encoded))
         if not left:
-            return [item for item in results if item is not None]
+            return cast(list[TokenizedItem], results)
         from_library = iter(self._encode_with_library([prepared[index] for index in left], truncate, direction,
                                                       add_special_tokens))
         return [item if item is not None else next(from_library) for item in results]

@@ -117,3 +117,25 @@ def test_pipelines_other_than_bert_wordpiece_get_no_fast_path(tmp_path: Path) ->
     assert fast.encode("Hello worlds", None, "right", True) == ([1, 2, 3], [0, 0, 0], False)
     pair = plain.encode("hello", "tiny vocab")
     assert fast.encode(("hello", "tiny vocab"), None, "right", True) == (pair.ids, pair.type_ids, False)
+
+
+def test_pairs_are_truncated_longest_first_as_the_library_does(minilm_source: Path) -> None:
+    """Every split of the room between query and document: the shorter part whole or both halved, the odd
+    token to the longer part, each direction, with and without special tokens."""
+    library_file = minilm_source / "tokenizer.json"
+    words = ["river", "bank", "model", "server", "quick", "token"]
+    for max_length in (5, 8, 13, 16):
+        fast = TextTokenizer(library_file, max_length, fast_path=True)
+        library = TextTokenizer(library_file, max_length, fast_path=False)
+        assert fast._fast is not None
+        for first in range(0, 19, 2):
+            for second in range(0, 19, 3):
+                pair = (" ".join(words[i % 6] for i in range(first)), " ".join(words[i % 5] for i in range(second)))
+                for direction in ("right", "left"):
+                    for special in (True, False):
+                        taken = fast._fast.encode(pair, max_length, direction, special)
+                        expected = library.encode([pair], True, direction, special)[0]
+                        assert taken is not None, pair
+                        assert (taken[0], taken[1], taken[2]) == (expected.ids, expected.type_ids,
+                                                                  expected.truncated), (pair, max_length, direction)
+                        assert fast.encode([pair], True, direction, special) == [expected]

@@ -9,7 +9,8 @@ infinity-emb with its torch and optimum (ONNX) engines. Each Infinity configurat
 ONNX fp32, ONNX int8; the ONNX files are embedrank's bundle graphs, so both run the same graphs) and
 each embedrank dtype serves the model in turn on 127.0.0.1, and wrk drives the same bodies to the
 route both speak, Infinity's `POST /embeddings`, after a 3-second warm-up. Equivalent settings:
-batch size 32 on both; one process; CPU only; default threads. Results: loadtests/results/infinity-*.{json,md}.
+batch size 32 on both; one process; CPU only; default threads. Results: loadtests/results/infinity-*.{json,md},
+and beside them the log of each Infinity server.
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def main() -> None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     report: dict[str, Any] = {"machine": f"{_cpu_name()}, {os.cpu_count()} cores", "seconds": args.seconds,
                               "servers": {}}
+    args.output.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         python = install(args.venv or scratch / "infinity-venv")
@@ -148,7 +151,9 @@ def main() -> None:
             label = f"Infinity {name}"
             print(label, flush=True)
             try:
-                url, process = start_infinity(python, model_dir, engine, flags, scratch / f"{name}.log")
+                # kept beside the results: what Infinity logged (its ONNX optimization step, say) can be checked
+                log = args.output / f"infinity-{stamp}-{name.replace(' ', '-')}.log"
+                url, process = start_infinity(python, model_dir, engine, flags, log)
             except RuntimeError as error:
                 print(f"  {error}", flush=True)
                 report["servers"][label] = f"failed: {str(error)[-500:]}"
@@ -163,8 +168,6 @@ def main() -> None:
             print(label, flush=True)
             with serving(args.bundle, "--dtype", dtype, "--served-model-name", "minilm") as (url, server):
                 report["servers"][label] = measure(url, server.pid, scratch, "minilm", args.seconds)
-    args.output.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.output / f"infinity-{stamp}.json").write_text(json.dumps(report, indent=2))
     (args.output / f"infinity-{stamp}.md").write_text(markdown(report))
     print(markdown(report))

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import service
-from service.batching.policy import pass_token_budget
+from service.batching.policy import inline_pass_tokens, pass_token_budget
 from service.config import Settings
 from service.core.embed import Limits
 from service.core.loading import load_configured
@@ -303,7 +303,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                             overlap_tokens=layout.overlap_tokens or settings.max_batch_tokens,
                             target_tokens=pass_token_budget(model.device, settings.max_batch_tokens,
                                                             settings.target_batch_tokens),
-                            release_idle_seconds=settings.release_memory_idle_seconds)
+                            release_idle_seconds=settings.release_memory_idle_seconds,
+                            inline_tokens=inline_pass_tokens(model.device, settings.inline_pass_tokens))
 
     if registry is not None:
         start_batchers(registry)

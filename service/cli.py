@@ -17,6 +17,8 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--dtype", "dtype", str, "auto | float32 | int8 | float16"),
     ("--max-batch-tokens", "max_batch_tokens", int, "padded tokens per forward pass (default 16384)"),
     ("--target-batch-tokens", "target_batch_tokens", int, "padded tokens at which a batch stops growing (CPU 1024)"),
+    ("--inline-pass-tokens", "inline_pass_tokens", int,
+     "a lone request up to this many tokens runs on the event loop's thread (CPU 64, 0 never)"),
     ("--max-batch-requests", "max_batch_requests", int, "items per forward pass (default: token budget only)"),
     ("--max-client-batch-size", "max_client_batch_size", int, "inputs per request (default 2048)"),
     ("--max-concurrent-requests", "max_concurrent_requests", int, "requests admitted at once (default 512)"),

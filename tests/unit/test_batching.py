@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from service.batching.batcher import DynamicBatcher
+from service.batching.batcher import INLINE_QUIET_SECONDS, DynamicBatcher
 from service.batching.policy import select_batch
 from service.engines.tokenizer import TokenizedItem
 from service.errors import ApiError, ErrorKind
@@ -61,6 +61,7 @@ class Recorder:
     def __init__(self, fail_marker: int | None = None, gate: threading.Event | None = None) -> None:
         self.batches: list[list[int]] = []
         self.lone: list[bool] = []
+        self.threads: list[str] = []
         self.fail_marker = fail_marker
         self.gate = gate
 
@@ -70,6 +71,7 @@ class Recorder:
         markers = [entry.ids[0] for entry in items]
         self.batches.append(markers)
         self.lone.append(lone)
+        self.threads.append(threading.current_thread().name)
         if self.fail_marker in markers:
             raise RuntimeError("boom")
         return [marker * 10 + len(entry) for marker, entry in zip(markers, items, strict=True)]
@@ -348,3 +350,83 @@ def test_pass_token_budget() -> None:
     assert pass_token_budget("cpu", 16384, 4096) == 4096
     assert pass_token_budget("cuda", 16384, None) == 16384
     assert pass_token_budget("cuda", 16384, 8192) == 8192
+
+
+LOOP_THREAD = threading.main_thread().name  # asyncio.run runs the loop on the calling (main) thread
+
+
+def test_a_lone_small_request_runs_on_the_event_loop_thread() -> None:
+    """One input within the token bound, nothing else in the batcher: the pass runs on the loop's own
+    thread (as a lone pass); larger or multi-input requests, and every request without the bound, go to
+    the workers."""
+    recorder = Recorder()
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=100, max_batch_requests=None, workers=2,
+                             inline_tokens=16)
+
+    async def scenario() -> list[list[Any]]:
+        answers = [await batcher.submit([item(5, marker=1)]).future]
+        answers.append(await batcher.submit([item(16, marker=2)]).future)
+        answers.append(await batcher.submit([item(17, marker=3)]).future)  # over the bound
+        answers.append(await batcher.submit([item(5, marker=4), item(5, marker=5)]).future)  # two inputs
+        return answers
+
+    assert asyncio.run(scenario()) == [[15], [36], [47], [45, 55]]
+    batcher.stop()
+    threads = dict(zip([batch[0] for batch in recorder.batches], recorder.threads, strict=True))
+    assert threads[1] == threads[2] == LOOP_THREAD
+    assert threads[3] != LOOP_THREAD and threads[4] != LOOP_THREAD
+    assert recorder.lone[:2] == [True, True]
+
+    recorder = Recorder()
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=100, max_batch_requests=None, workers=2)
+    assert asyncio.run(_submit_and_wait(batcher, [item(5, marker=1)])) == [15]
+    batcher.stop()
+    assert recorder.threads[0] != LOOP_THREAD  # inline_tokens defaults to 0: never on the loop
+
+
+def test_requests_arriving_together_go_to_the_workers_and_load_keeps_them_there() -> None:
+    """A second request arriving before the held one has run sends both to the workers, the first one
+    first; for the quiet period after two requests overlapped, lone requests stay on the workers too."""
+    recorder = Recorder()
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=100, max_batch_requests=None, workers=1,
+                             inline_tokens=16, target_tokens=100)
+
+    async def scenario() -> None:
+        first = batcher.submit([item(5, marker=1)])
+        second = batcher.submit([item(5, marker=2)])  # same turn of the loop
+        assert await asyncio.gather(first.future, second.future) == [[15], [25]]
+        assert await batcher.submit([item(5, marker=3)]).future == [35]  # within the quiet period
+        await asyncio.sleep(INLINE_QUIET_SECONDS + 0.05)
+        assert await batcher.submit([item(5, marker=4)]).future == [45]
+
+    asyncio.run(scenario())
+    batcher.stop()
+    assert recorder.batches[0] == [1, 2]  # one pass, oldest first
+    threads = dict(zip([batch[0] for batch in recorder.batches], recorder.threads, strict=True))
+    assert threads[1] != LOOP_THREAD and threads[3] != LOOP_THREAD
+    assert threads[4] == LOOP_THREAD
+
+
+def test_a_failed_pass_on_the_loop_fails_its_request_and_serving_goes_on() -> None:
+    recorder = Recorder(fail_marker=9)
+    batcher = DynamicBatcher("t", recorder, max_batch_tokens=100, max_batch_requests=None, workers=2,
+                             inline_tokens=16)
+
+    async def scenario() -> tuple[BaseException | None, list[Any], list[Any]]:
+        error = None
+        try:
+            await batcher.submit([item(5, marker=9)]).future
+        except ApiError as caught:
+            error = caught
+        after = await batcher.submit([item(5, marker=2)]).future
+        cancelled = batcher.submit([item(5, marker=7)])
+        cancelled.cancel()  # its client went away before the pass: nothing runs for it
+        await asyncio.sleep(0.01)
+        return error, after, await batcher.submit([item(20, marker=3)]).future
+
+    error, after, larger = asyncio.run(scenario())
+    batcher.stop()
+    assert isinstance(error, ApiError) and error.status == 424 and "boom" in error.message
+    assert after == [25] and larger == [50]
+    assert [batch[0] for batch in recorder.batches] == [9, 2, 3]
+    assert recorder.threads[:2] == [LOOP_THREAD, LOOP_THREAD]

@@ -221,10 +221,13 @@ class DynamicBatcher:
         try:
             self._run([item], True, on_loop=True)
         finally:
-            with self._condition:
-                self._busy -= 1
-                self._worked = True
-                self._condition.notify_all()
+            self._pass_ended()
+
+    def _pass_ended(self) -> None:
+        with self._condition:
+            self._busy -= 1
+            self._worked = True
+            self._condition.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued, then end the worker."""
@@ -324,10 +327,7 @@ class DynamicBatcher:
             try:
                 self._run(*taken)
             finally:
-                with self._condition:
-                    self._busy -= 1
-                    self._worked = True
-                    self._condition.notify_all()
+                self._pass_ended()
 
     def _idle(self) -> None:
         assert self._on_idle is not None

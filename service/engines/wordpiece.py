@@ -148,7 +148,7 @@ class WordPieceFastPath:
             if room <= 0:
                 return None
             if len(content) > room:
-                content = content[:room] if direction == "right" else content[len(content) - room:]
+                content = _cut(content, room, direction)
                 truncated = True
         if not add_special_tokens:
             return content, [0] * len(content), truncated

@@ -14,9 +14,8 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -27,6 +26,12 @@ from service.errors import OPENAI_TYPE, STATUS, ApiError, ErrorKind
 from service.observability import Metrics
 from service.proxy.pool import Member, Pool
 from service.proxy.upstreams import UpstreamConfigError, UpstreamSpec
+
+if TYPE_CHECKING:
+    import httpx
+
+# httpx is imported where it is used, not here: only a server started with --llm needs it, and
+# importing it (with its dependencies) is about a sixth of the server's import time.
 
 logger = logging.getLogger("embedrank.proxy")
 
@@ -77,6 +82,7 @@ class LlmProxy:
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        import httpx
         limits = httpx.Limits(max_connections=self.settings.max_concurrent_requests + 16,
                               max_keepalive_connections=64)
         # trust_env=False: upstreams are called directly, never through HTTP(S)_PROXY from the environment
@@ -112,6 +118,7 @@ class LlmProxy:
 
     async def forward(self, route: str, payload: dict[str, Any], request_id: str) -> Response:
         """Send `payload` to `route` (/chat/completions or /completions) of the model's pool."""
+        import httpx
         if route not in ROUTES:
             raise ValueError(route)
         spec = self.resolve(payload.get("model"))
@@ -154,6 +161,7 @@ class LlmProxy:
 
     async def _connect(self, pool: Pool, route: str, content: bytes, headers: dict[str, str],
                        timeout: httpx.Timeout) -> tuple[Member, httpx.Response]:
+        import httpx
         assert self.client is not None, "proxy not started"
         tried: set[str] = set()
         reasons: list[str] = []
@@ -226,6 +234,7 @@ class LlmProxy:
         return finish
 
     async def _read(self, response: httpx.Response) -> bytes:
+        import httpx
         parts = []
         size = 0
         try:
@@ -252,6 +261,7 @@ class LlmProxy:
                     await self._probe(pool, member)
 
     async def _probe(self, pool: Pool, member: Member) -> None:
+        import httpx
         assert self.client is not None
         headers = {"authorization": f"Bearer {self.keys[pool.name]}"} if pool.name in self.keys else {}
         try:
@@ -300,6 +310,7 @@ class EventStream(Response):
             self.finish(outcome)
 
     async def _pump(self, send: Send, outcome: Outcome) -> None:
+        import httpx
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         pending = b""
         total = 0

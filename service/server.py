@@ -66,10 +66,17 @@ def http_protocol() -> Any:
     except ImportError:
         return "auto"
 
+    from service.deps import CONNECTION
+
     class CoalescingHttpProtocol(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            # A request waiting for its results looks here to see whether its client went away.
+            self.scope[CONNECTION] = self.transport  # type: ignore[literal-required]
 
     return CoalescingHttpProtocol
 

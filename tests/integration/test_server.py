@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
 from tests.helpers.server import RunningServer, running_server
@@ -101,6 +102,46 @@ def test_health_answers_while_a_long_batch_runs(server: RunningServer) -> None:
             return elapsed
 
     assert asyncio.run(scenario()) < 0.5
+
+
+def _counter(url: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+]+)$", httpx.get(url + "/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_clients_that_leave_while_queued_have_their_items_dropped(server: RunningServer) -> None:
+    """Eight clients send 16 long texts each behind a long request and close their connections: the
+    server notices while they wait and never computes their texts."""
+    import socket
+    import threading
+
+    host, port = server.url.removeprefix("http://").split(":")
+    cancelled = 'embedrank_errors_total{kind="Cancelled"}'
+    cancelled_before = _counter(server.url, cancelled)
+    tokens_before = _counter(server.url, "embedrank_tokens_total")
+    long_text = "word " * 300  # cut to 256 tokens
+    heavy_status: list[int] = []
+    heavy = threading.Thread(target=lambda: heavy_status.append(
+        httpx.post(server.url + "/embed", json={"inputs": [long_text] * 128}, timeout=120).status_code))
+    heavy.start()
+    time.sleep(0.2)
+    body = orjson.dumps({"inputs": [long_text] * 16})
+    leavers = [socket.create_connection((host, int(port)), timeout=30) for _ in range(8)]
+    for leaver in leavers:
+        leaver.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    time.sleep(0.3)
+    for leaver in leavers:
+        leaver.close()
+    deadline = time.monotonic() + 30
+    while _counter(server.url, cancelled) < cancelled_before + 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    heavy.join(timeout=120)
+    assert heavy_status == [200]
+    assert _counter(server.url, cancelled) == cancelled_before + 8
+    # Only the long request's texts were computed, none of the 128 the leavers sent.
+    assert _counter(server.url, "embedrank_tokens_total") - tokens_before == 128 * 256
+    assert httpx.post(server.url + "/embed", json={"inputs": "still serving"}, timeout=30).status_code == 200
 
 
 def test_pipelined_requests_head_and_expect_continue_on_one_connection(server: RunningServer) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from service.batching.batcher import PendingRequest
-from service.deps import until_disconnect, waiting_on
+from service.deps import CONNECTION, until_disconnect, waiting_on
 from service.errors import ApiError, ErrorKind
 
 
@@ -36,9 +36,9 @@ def test_a_client_that_leaves_drops_its_queued_items() -> None:
 
     async def scenario() -> PendingRequest:
         pending = _pending(asyncio.get_running_loop())  # never answered: queued behind long batches
+        request = SimpleNamespace(scope={}, receive=connection.receive)
         with pytest.raises(ApiError) as raised:
-            await asyncio.wait_for(until_disconnect(SimpleNamespace(receive=connection.receive), after=0.01)(pending),
-                                   timeout=5)
+            await asyncio.wait_for(until_disconnect(request, after=0.01)(pending), timeout=5)
         assert raised.value.kind == ErrorKind.CANCELLED
         return pending
 
@@ -53,7 +53,7 @@ def test_a_quick_answer_never_watches_the_connection() -> None:
         loop = asyncio.get_running_loop()
         pending = _pending(loop)
         loop.call_later(0.01, pending.future.set_result, ["vector"])
-        results = await until_disconnect(SimpleNamespace(receive=connection.receive), after=0.2)(pending)
+        results = await until_disconnect(SimpleNamespace(scope={}, receive=connection.receive), after=0.2)(pending)
         await asyncio.sleep(0.3)  # past the watch delay: the timer was cancelled with the answer
         return results
 
@@ -68,7 +68,8 @@ def test_a_slow_answer_from_a_client_that_stays_is_returned() -> None:
         loop = asyncio.get_running_loop()
         pending = _pending(loop)
         loop.call_later(0.1, pending.future.set_result, ["late"])
-        return await until_disconnect(SimpleNamespace(receive=connection.receive), after=0.01)(pending), pending
+        request = SimpleNamespace(scope={}, receive=connection.receive)
+        return await until_disconnect(request, after=0.01)(pending), pending
 
     results, pending = asyncio.run(scenario())
     assert results == ["late"] and not pending.cancelled and connection.calls == 1
@@ -83,7 +84,7 @@ def test_many_waits_share_one_timer_and_each_is_judged_alone() -> None:
         pendings = [_pending(loop) for _ in range(20)]
         for number, pending in enumerate(pendings[10:]):
             loop.call_later(0.001 * number, pending.future.set_result, [number])
-        waits = [until_disconnect(SimpleNamespace(receive=connection.receive), after=0.05)(pending)
+        waits = [until_disconnect(SimpleNamespace(scope={}, receive=connection.receive), after=0.05)(pending)
                  for connection, pending in zip(leaving + quick, pendings, strict=True)]
         outcomes = await asyncio.gather(*waits, return_exceptions=True)
         return outcomes, pendings, len(waiting_on(loop).deadlines)
@@ -95,3 +96,61 @@ def test_many_waits_share_one_timer_and_each_is_judged_alone() -> None:
     assert [connection.calls for connection in leaving] == [1] * 10
     assert [connection.calls for connection in quick] == [0] * 10
     assert still_waiting == 0
+
+
+async def _loopback_pair() -> tuple[asyncio.BaseTransport, asyncio.BaseTransport, asyncio.AbstractServer]:
+    """A real TCP connection on 127.0.0.1: (the server side's transport, the client's, the server)."""
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[asyncio.BaseTransport] = loop.create_future()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.set_result(transport)
+
+    server = await loop.create_server(Accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+    return await accepted, client, server
+
+
+def test_with_the_connection_in_the_scope_a_closed_connection_is_seen_without_receive() -> None:
+    connection = Connection(leaves_after=10.0)  # receive would not tell in time
+
+    async def scenario() -> PendingRequest:
+        loop = asyncio.get_running_loop()
+        transport, client, server = await _loopback_pair()
+        pending = _pending(loop)
+        loop.call_later(0.1, client.close)
+        request = SimpleNamespace(scope={CONNECTION: transport}, receive=connection.receive)
+        try:
+            with pytest.raises(ApiError) as raised:
+                await asyncio.wait_for(until_disconnect(request, after=0.02)(pending), timeout=5)
+        finally:
+            server.close()
+        assert raised.value.kind == ErrorKind.CANCELLED
+        assert len(waiting_on(loop).deadlines) == 0
+        return pending
+
+    assert asyncio.run(scenario()).cancelled
+    assert connection.calls == 0
+
+
+def test_with_the_connection_in_the_scope_a_client_that_stays_gets_its_answer() -> None:
+    connection = Connection(leaves_after=0.0)  # receive would say it left: it must not be asked
+
+    async def scenario() -> tuple[list[Any], PendingRequest, int]:
+        loop = asyncio.get_running_loop()
+        transport, client, server = await _loopback_pair()
+        pending = _pending(loop)
+        loop.call_later(0.2, pending.future.set_result, ["late"])  # looked at several times meanwhile
+        request = SimpleNamespace(scope={CONNECTION: transport}, receive=connection.receive)
+        try:
+            results = await until_disconnect(request, after=0.02)(pending)
+        finally:
+            client.close()
+            server.close()
+        return results, pending, len(waiting_on(loop).deadlines)
+
+    results, pending, still_waiting = asyncio.run(scenario())
+    assert results == ["late"] and not pending.cancelled and still_waiting == 0
+    assert connection.calls == 0

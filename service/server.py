@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -81,6 +82,26 @@ def http_protocol() -> Any:
     return CoalescingHttpProtocol
 
 
+# Container allocations, net of those freed, between two young collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_garbage_collector() -> None:
+    """Set the cycle collector up for serving, once everything is loaded and warmed up.
+
+    Nearly all a request allocates is freed by reference counting, but with CPython's defaults the
+    collector still ran whenever 700 more containers were alive than at its last run, which the objects of
+    the requests in flight keep crossing: on 2 cores, at 32 single-text int8 clients, about one young
+    collection per 140 requests (0.6 ms each) and every ~7,000 requests a full one of the ~76,000 objects
+    that loading left, 30-50 ms during which the event loop does nothing else. Frozen, those objects are
+    never examined again, and at 10,000 the young collections did not run once in 20,000 requests; a
+    reference cycle still is collected, after at most 10,000 net allocations.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+
+
 def server_config(app: Any, settings: Settings) -> Any:
     """uvicorn's settings for serving `app`. X-Forwarded-For is read only with tracing on, whose spans record the
     client's address: nothing else uses it, and rewriting every request's scope for it cost about 2% of the event
@@ -126,6 +147,7 @@ def run_server(settings: Settings) -> int:
             if sig == signal.SIGTERM:
                 self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
+    settle_garbage_collector()
     server = Server(config)
     server.run()
     if not server.started:

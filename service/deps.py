@@ -60,7 +60,7 @@ _TIMER_TICK_SECONDS = 0.01
 class _Waiting:
     """The requests of one event loop waiting for their results, with one timer for all of them: at its deadline
     a request still waiting calls its `watch`, which starts watching its connection, or looks at it and returns
-    True to be called again as long again later. (A timer of its own for every request, set and cancelled, cost
+    True to be called again after the same delay. (A timer of its own for every request, set and cancelled, cost
     the loop about 2 us a request.)"""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -92,7 +92,7 @@ def settle_garbage_collector() -> None:
     Nearly all a request allocates is freed by reference counting, but with CPython's defaults the
     collector still ran whenever 700 more containers were alive than at its last run, which the objects of
     the requests in flight keep crossing: on 2 cores, at 32 single-text int8 clients, about one young
-    collection per 140 requests (0.6 ms each) and every ~7,000 requests a full one of the ~76,000 objects
+    collection per 140 requests (0.6 ms each) and every ~10,000 requests a full one of the ~76,000 objects
     that loading left, 30-50 ms during which the event loop does nothing else. Frozen, those objects are
     never examined again, and at 10,000 the young collections did not run once in 20,000 requests; a
     reference cycle still is collected, after at most 10,000 net allocations.

@@ -13,6 +13,12 @@ is the loop's instructions per request, free of start-up and shutdown. With --ht
 uvicorn as `embedrank serve` serves it (`service.server.server_config`) on 127.0.0.1 and driven from a
 separate process over keep-alive connections, so HTTP parsing and the user-space side of the socket calls
 count too (the kernel's side does not). Needs valgrind (apt-get install valgrind); a few minutes.
+
+`--breakdown` says where those instructions go: one HTTP run whose counters are zeroed after the warm-up and
+dumped after N requests (`callgrind_control`), summed per shared object and per C function, each function's
+own instructions only. Python code shows as the interpreter's functions (`_PyEval_EvalFrameDefault` and what
+it calls), so this tells the interpreter apart from orjson, the C library, uvloop, httptools, pydantic-core
+and numpy, not one Python function from another.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +86,10 @@ def _serve(bundle: Path, port: int) -> None:
     import uvicorn
 
     from service.config import Settings
-    from service.server import server_config
+    from service.server import server_config, settle_garbage_collector
 
     app = _app(bundle, ConstantEngine)
+    settle_garbage_collector()  # as `embedrank serve` does before it serves
     uvicorn.Server(server_config(app, Settings(port=port, log_level="warning"))).run()
 
 
@@ -132,11 +141,69 @@ def count(bundle: Path, requests: int, http: bool, scratch: Path) -> int:
     return _main_thread_instructions(out)
 
 
+def _own_instructions(dump: Path) -> Counter[tuple[str, str]]:
+    """Each (shared object, function)'s own instructions in a callgrind dump: cost lines under `fn=`,
+    less the inclusive costs of its calls (the line after each `calls=`). Names are compressed as
+    `(id) name` once and `(id)` after, per kind."""
+    names: dict[str, dict[str, str]] = {"ob": {}, "fn": {}}
+    own: Counter[tuple[str, str]] = Counter()
+    current = {"ob": "?", "fn": "?"}
+    after_call = False
+    for line in dump.read_text(errors="replace").splitlines():
+        spec = re.match(r"(c?)(ob|fn)=\((\d+)\)(?: (.*))?", line)
+        if spec:
+            called, kind, number, name = spec.groups()
+            if name:
+                names[kind][number] = name
+            if not called:
+                current[kind] = names[kind].get(number, "?")
+            continue
+        if line.startswith("calls="):
+            after_call = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            fields = line.split()
+            if len(fields) >= 2 and not after_call:
+                own[(Path(current["ob"]).name, current["fn"])] += int(fields[1])
+            after_call = False
+    return own
+
+
+def breakdown(bundle: Path, requests: int, scratch: Path, top: int = 25) -> dict[str, Any]:
+    """Where the event loop's instructions go per HTTP request: by shared object and by function."""
+    out = scratch / "callgrind"
+    port = _free_port()
+    server = subprocess.Popen(["valgrind", "--tool=callgrind", "--separate-threads=yes",
+                               f"--callgrind-out-file={out}.%p", sys.executable, "-m", "loadtests.instructions",
+                               "--bundle", str(bundle), "--child-server", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, server)
+        asyncio.run(_drive(port, WARMUP_REQUESTS))
+        subprocess.run(["callgrind_control", "--zero", str(server.pid)], check=True, capture_output=True)
+        asyncio.run(_drive(port, requests))
+        subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True, capture_output=True)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=300)
+    own = _own_instructions(next(scratch.glob(f"callgrind.{server.pid}.1-01")))
+    total = sum(own.values())
+    objects: Counter[str] = Counter()
+    for (shared_object, _), instructions in own.items():
+        objects[shared_object] += instructions
+    return {"requests": requests, "loop_instructions_per_request": round(total / requests),
+            "by_object": [{"object": name, "per_request": round(value / requests), "share": round(value / total, 4)}
+                          for name, value in objects.most_common()],
+            "by_function": [{"object": name, "function": function, "per_request": round(value / requests),
+                             "share": round(value / total, 4)} for (name, function), value in own.most_common(top)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=Path("models/all-MiniLM-L6-v2"))
     parser.add_argument("--requests", type=int, default=640, help="N: the runs serve N and 3N requests")
     parser.add_argument("--http", action="store_true", help="through uvicorn and real sockets")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="one HTTP run of N requests: its instructions by shared object and by C function")
     parser.add_argument("--child-in-process", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-server", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,6 +214,18 @@ def main() -> None:
         _serve(args.bundle, args.child_server)
         return
     requests = max(CLIENTS, args.requests // CLIENTS * CLIENTS)
+    if args.breakdown:
+        with tempfile.TemporaryDirectory() as scratch:
+            found = breakdown(args.bundle, requests, Path(scratch))
+        print(f"{found['loop_instructions_per_request']} instructions per request over {requests} requests "
+              "(the whole dump, connection set-up included)")
+        for entry in found["by_object"][:12]:
+            print(f"{entry['per_request']:>9} {entry['share']:6.1%}  {entry['object']}")
+        print()
+        for entry in found["by_function"]:
+            where = f"{entry['object'][:28]:28} {entry['function'][:80]}"
+            print(f"{entry['per_request']:>9} {entry['share']:6.1%}  {where}")
+        return
     with tempfile.TemporaryDirectory() as scratch:
         few = count(args.bundle, requests, args.http, Path(scratch))
         many = count(args.bundle, 3 * requests, args.http, Path(scratch))

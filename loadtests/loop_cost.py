@@ -30,6 +30,7 @@ from service.core.manifest import load_manifest
 from service.core.registry import ModelRegistry, ServedModel
 from service.engines.bundle import BundleModel
 from service.engines.fake import FakeEngine
+from service.server import settle_garbage_collector
 
 
 def _app(bundle: Path, engine_class: type[FakeEngine] = FakeEngine) -> Any:
@@ -77,6 +78,7 @@ async def measure(app: Any, requests: int, clients: int, profile: bool) -> dict[
             await _request(app, bodies[(number * 97 + index) % len(bodies)])
 
     await asyncio.gather(*(client(number, 20) for number in range(4)))  # warm-up
+    settle_garbage_collector()  # as `embedrank serve` does once warmed up
     per_client = max(1, requests // clients)
     profiler = cProfile.Profile() if profile else None
     cpu, wall = time.thread_time(), time.perf_counter()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,24 +122,36 @@ def _main_thread_instructions(out: Path) -> int:
     raise RuntimeError(f"no totals in callgrind output {out}")
 
 
-def count(bundle: Path, requests: int, http: bool, scratch: Path) -> int:
-    """The main thread's instructions for a run serving `requests` requests (after the warm-up)."""
-    out = scratch / f"callgrind.{requests}"
-    valgrind = ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}.%p",
-                sys.executable, "-m", "loadtests.instructions", "--bundle", str(bundle)]
-    if not http:
-        subprocess.run([*valgrind, "--child-in-process", str(requests)], check=True, capture_output=True)
-        return _main_thread_instructions(out)
+def _under_callgrind(out: Path, bundle: Path) -> list[str]:
+    """This module under callgrind, one output file per thread named after `out`."""
+    return ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}.%p",
+            sys.executable, "-m", "loadtests.instructions", "--bundle", str(bundle)]
+
+
+@contextlib.contextmanager
+def _server_under_callgrind(out: Path, bundle: Path) -> Iterator[tuple[int, int]]:
+    """The HTTP server under callgrind, warmed up, for the block: (port, process id); stopped after it."""
     port = _free_port()
-    server = subprocess.Popen([*valgrind, "--child-server", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([*_under_callgrind(out, bundle), "--child-server", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_port(port, server)
         asyncio.run(_drive(port, WARMUP_REQUESTS))
-        asyncio.run(_drive(port, requests))
+        yield port, server.pid
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=300)
+
+
+def count(bundle: Path, requests: int, http: bool, scratch: Path) -> int:
+    """The main thread's instructions for a run serving `requests` requests (after the warm-up)."""
+    out = scratch / f"callgrind.{requests}"
+    if not http:
+        subprocess.run([*_under_callgrind(out, bundle), "--child-in-process", str(requests)], check=True,
+                       capture_output=True)
+        return _main_thread_instructions(out)
+    with _server_under_callgrind(out, bundle) as (port, _):
+        asyncio.run(_drive(port, requests))
     return _main_thread_instructions(out)
 
 
@@ -171,21 +185,11 @@ def _own_instructions(dump: Path) -> Counter[tuple[str, str]]:
 def breakdown(bundle: Path, requests: int, scratch: Path, top: int = 25) -> dict[str, Any]:
     """Where the event loop's instructions go per HTTP request: by shared object and by function."""
     out = scratch / "callgrind"
-    port = _free_port()
-    server = subprocess.Popen(["valgrind", "--tool=callgrind", "--separate-threads=yes",
-                               f"--callgrind-out-file={out}.%p", sys.executable, "-m", "loadtests.instructions",
-                               "--bundle", str(bundle), "--child-server", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_port(port, server)
-        asyncio.run(_drive(port, WARMUP_REQUESTS))
-        subprocess.run(["callgrind_control", "--zero", str(server.pid)], check=True, capture_output=True)
+    with _server_under_callgrind(out, bundle) as (port, pid):
+        subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
         asyncio.run(_drive(port, requests))
-        subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True, capture_output=True)
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=300)
-    own = _own_instructions(next(scratch.glob(f"callgrind.{server.pid}.1-01")))
+        subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
+    own = _own_instructions(next(scratch.glob(f"callgrind.{pid}.1-01")))
     total = sum(own.values())
     objects: Counter[str] = Counter()
     for (shared_object, _), instructions in own.items():

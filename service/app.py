@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hmac
-import itertools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +27,7 @@ from service.deps import FACTS, ResponseFacts, raw_header
 from service.engines.layout import thread_layout
 from service.engines.ort_engine import default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
-from service.observability import REQUEST_ID, Metrics
+from service.observability import REQUEST_ID, Metrics, request_id_for
 from service.proxy.forward import ROUTES as LLM_ROUTES
 from service.proxy.forward import LlmProxy, ProxySettings
 from service.proxy.upstreams import load_upstreams
@@ -149,8 +147,7 @@ class RequestObserver:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        given = raw_header(scope, b"x-request-id")
-        request_id = given if 0 < len(given) <= 128 and given.isprintable() else _new_request_id()
+        request_id = request_id_for(raw_header(scope, b"x-request-id"))
         token = REQUEST_ID.set(request_id)
         id_header = (b"x-request-id", request_id.encode("latin-1"))
         status = 500
@@ -170,36 +167,29 @@ class RequestObserver:
         try:
             await self.app(scope, receive, capture)
         finally:
-            elapsed = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", "unmatched")
-            timings = facts.timings if facts is not None else None
-            self.requests.count(route, facts.model if facts is not None else "", status)
-            self.requests.observe(route, "total", elapsed)
-            if timings is not None:
-                self.requests.observe(route, "queue", timings.queue / 1000)
-                self.requests.observe(route, "tokenization", timings.tokenization / 1000)
-                self.requests.observe(route, "inference", timings.inference / 1000)
-            if self.log_requests and access_logger.isEnabledFor(logging.INFO):
-                model = facts.model if facts is not None else ""
-                fields = {"method": scope["method"], "route": route, "status": status, "model": model or None,
-                          "items": facts.items if facts is not None else 0,
-                          "tokens": facts.tokens if facts is not None else 0, "total_ms": round(elapsed * 1000, 3),
-                          "queue_ms": round(timings.queue, 3) if timings is not None else 0.0,
-                          "inference_ms": round(timings.inference, 3) if timings is not None else 0.0}
-                access_logger.info("%s %s %s %.1fms model=%s items=%s tokens=%s", scope["method"], scope["path"],
-                                   status, elapsed * 1000, model or "-", fields["items"], fields["tokens"],
-                                   extra={"fields": fields})
+            self.record(scope, status, facts, time.perf_counter() - started)
             REQUEST_ID.reset(token)
 
-
-# Request ids: a random per-process prefix and a counter, unique across restarts and replicas without a
-# random-number syscall per request (uuid4 cost about a tenth of the event loop's time under a flood).
-_ID_PREFIX = os.urandom(8).hex()
-_ID_COUNTER = itertools.count(1)
-
-
-def _new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+    def record(self, scope: Scope, status: int, facts: ResponseFacts | None, elapsed: float) -> None:
+        """A finished request's metrics and access-log line (also for those the HTTP lane answers)."""
+        route = getattr(scope.get("route"), "path", "unmatched")
+        timings = facts.timings if facts is not None else None
+        self.requests.count(route, facts.model if facts is not None else "", status)
+        self.requests.observe(route, "total", elapsed)
+        if timings is not None:
+            self.requests.observe(route, "queue", timings.queue / 1000)
+            self.requests.observe(route, "tokenization", timings.tokenization / 1000)
+            self.requests.observe(route, "inference", timings.inference / 1000)
+        if self.log_requests and access_logger.isEnabledFor(logging.INFO):
+            model = facts.model if facts is not None else ""
+            fields = {"method": scope["method"], "route": route, "status": status, "model": model or None,
+                      "items": facts.items if facts is not None else 0,
+                      "tokens": facts.tokens if facts is not None else 0, "total_ms": round(elapsed * 1000, 3),
+                      "queue_ms": round(timings.queue, 3) if timings is not None else 0.0,
+                      "inference_ms": round(timings.inference, 3) if timings is not None else 0.0}
+            access_logger.info("%s %s %s %.1fms model=%s items=%s tokens=%s", scope["method"], scope["path"],
+                               status, elapsed * 1000, model or "-", fields["items"], fields["tokens"],
+                               extra={"fields": fields})
 
 
 def _validation_message(error: RequestValidationError) -> str:

@@ -58,11 +58,16 @@ def direct_routes(routers: list[APIRouter], paths: list[str]) -> dict[str, Direc
     return table
 
 
+def content_type_is_json(value: bytes) -> bool:
+    """A Content-Type the framework parses as JSON."""
+    kind = value.split(b";", 1)[0].strip().lower()
+    return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))
+
+
 def _is_json(scope: Scope) -> bool:
     for name, value in scope["headers"]:
         if name == b"content-type":
-            kind: bytes = value.split(b";", 1)[0].strip().lower()
-            return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))
+            return content_type_is_json(value)
     return True  # no content type: parsed as JSON, as the framework does
 
 

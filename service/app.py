@@ -27,6 +27,7 @@ from service.deps import FACTS, ResponseFacts, raw_header
 from service.engines.layout import thread_layout
 from service.engines.ort_engine import default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
+from service.lane import Lane
 from service.observability import REQUEST_ID, Metrics, request_id_for
 from service.proxy.forward import ROUTES as LLM_ROUTES
 from service.proxy.forward import LlmProxy, ProxySettings
@@ -207,6 +208,7 @@ class EmbedRankApp(FastAPI):
     into the framework as before."""
 
     outer: ASGIApp | None = None
+    lane: Lane | None = None  # the hot routes as embedrank's HTTP protocol answers them (service.lane)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.outer is not None and scope["type"] == "http":
@@ -346,10 +348,17 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
             app.add_middleware(middleware, **options)
         setup_tracing(app, settings.otlp_endpoint, settings.otlp_service_name)
         return app
+    table = direct_routes(ROUTERS, DIRECT_PATHS)
     if settings.direct_routes:
-        layers.append((DirectRoutes, {"table": direct_routes(ROUTERS, DIRECT_PATHS), "metrics": metrics}))
+        layers.append((DirectRoutes, {"table": table, "metrics": metrics}))
     inner: ASGIApp = app.framework
     for middleware, options in reversed(layers):
         inner = middleware(inner, **options)
     app.outer = inner
+    observer = inner
+    if settings.direct_routes and not settings.cors_allow_origin:
+        assert isinstance(observer, RequestObserver)
+        app.lane = Lane({path.encode(): route for path, route in table.items()}, app, metrics, observer.record,
+                        settings.payload_limit, settings.max_concurrent_requests,
+                        tuple(b"Bearer " + key.encode() for key in keys), frozenset(settings.public_paths))
     return app

@@ -48,6 +48,13 @@ class CoalescingTransport:
         else:
             self._transport.writelines(pending)
 
+    def write_now(self, data: bytes) -> None:
+        """Write a whole answer at once: nothing waits to be joined to it (after anything already held)."""
+        if self._pending is None:
+            self._transport.write(data)
+        else:
+            self._pending.append(data)
+
     def close(self) -> None:
         self._flush()
         self._transport.close()
@@ -61,15 +68,24 @@ class CoalescingTransport:
 
 
 def http_protocol() -> Any:
-    """uvicorn's httptools protocol writing through `CoalescingTransport` ("auto" where httptools is missing)."""
+    """uvicorn's httptools protocol writing through `CoalescingTransport`, with the app's HTTP lane (service.lane)
+    answering the hot routes itself ("auto" where httptools is missing)."""
     try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
     except ImportError:
         return "auto"
 
     from service.deps import CONNECTION
+    from service.lane import Lane, LaneCycle, serve
 
-    class CoalescingHttpProtocol(HttpToolsProtocol):
+    class EmbedRankHttpProtocol(HttpToolsProtocol):
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            lane = getattr(config.app, "lane", None)
+            # uvicorn's own routing of requests (a root path, a concurrency limit) keeps every request.
+            plain = not config.root_path and config.limit_concurrency is None
+            self.lane: Lane | None = lane if plain and isinstance(lane, Lane) else None
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
@@ -79,7 +95,80 @@ def http_protocol() -> Any:
             # A request waiting for its results looks here to see whether its client went away.
             self.scope[CONNECTION] = self.transport  # type: ignore[literal-required]
 
-    return CoalescingHttpProtocol
+        def on_headers_complete(self) -> None:
+            lane = self.lane
+            if lane is not None and (self.cycle is None or self.cycle.response_complete) \
+                    and self.parser.get_method() == b"POST":
+                route = lane.route_for(self.url, self.headers)
+                if route is not None:
+                    version = self.parser.get_http_version()
+                    scope: Any = self.scope
+                    scope["method"] = "POST"
+                    if version != "1.1":
+                        scope["http_version"] = version
+                    scope["path"] = route.route.path
+                    scope["raw_path"] = self.url
+                    scope["query_string"] = b""
+                    self.cycle = LaneCycle(route, scope, version != "1.0" and self.parser.should_keep_alive())  # type: ignore[assignment]
+                    return
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            cycle: Any = self.cycle
+            if type(cycle) is LaneCycle:
+                cycle.chunks.append(body)  # at most the payload limit: its Content-Length was checked
+                return
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            cycle: Any = self.cycle
+            if type(cycle) is LaneCycle:
+                assert self.lane is not None
+                task = self.loop.create_task(serve(self.lane, self, cycle))
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)
+                return
+            super().on_message_complete()
+
+        def write_answer(self, cycle: LaneCycle, status: int, headers: list[tuple[bytes, bytes]],
+                         body: bytes) -> None:
+            """Write a lane answer as uvicorn writes one: its default headers first, `connection: close`
+            when the connection ends with it."""
+            if cycle.disconnected:
+                return
+            content = [STATUS_LINE[status]]
+            for name, value in self.server_state.default_headers:
+                content += (name, b": ", value, b"\r\n")
+            for name, value in headers:
+                content += (name, b": ", value, b"\r\n")
+            if not cycle.keep_alive:
+                content.append(b"connection: close\r\n")
+            content += (b"\r\n", body)
+            self.transport.write_now(b"".join(content))  # type: ignore[attr-defined]
+            self._lane_answered(cycle)
+
+        def _lane_answered(self, cycle: LaneCycle) -> None:
+            cycle.response_complete = True
+            if not cycle.keep_alive:
+                self.transport.close()
+            self.on_response_complete()  # the next pipelined request, or the keep-alive timer
+
+        async def to_app(self, cycle: LaneCycle) -> None:
+            """Hand a request the lane took to the app after all, its body read again from memory."""
+            fallback = RequestResponseCycle(
+                scope=cycle.scope, transport=self.transport, flow=self.flow, logger=self.logger,  # type: ignore[arg-type]
+                access_logger=self.access_logger, access_log=self.access_log,
+                default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
+                expect_100_continue=False, keep_alive=cycle.keep_alive,
+                on_response=lambda: self._lane_answered(cycle))
+            fallback.body = bytearray(cycle.body())
+            fallback.more_body = False
+            fallback.message_event.set()  # the whole body is there for its first `receive`
+            fallback.disconnected = cycle.disconnected
+            cycle.fallback = fallback
+            await fallback.run_asgi(self.app)
+
+    return EmbedRankHttpProtocol
 
 
 # Container allocations, net of those freed, between two young collections (CPython's default is 700).

@@ -371,3 +371,21 @@ def test_requests_the_lane_does_not_take_go_to_the_app(pair: tuple[Served, Serve
     finally:
         connection.close()
     assert lane.to_app == ["/embed"] * 3
+
+
+def test_a_request_that_arrives_in_pieces_is_answered_by_the_lane(pair: tuple[Served, Served]) -> None:
+    lane, _ = pair
+    request = post("/v1/embeddings", {"model": "tiny-bge", "input": ["split", "across", "segments"]})
+    whole = lane.ask(request)
+    lane.to_app.clear()
+    connection = Connection(lane.port)
+    try:
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(request), 7):  # headers and body cut every 7 bytes, sent one by one
+            connection.send(request[start:start + 7])
+            time.sleep(0.002)
+        pieced = connection.reply()
+    finally:
+        connection.close()
+    assert pieced.status == 200 and pieced.comparable() == whole.comparable()
+    assert lane.to_app == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from service.config import Settings
 from service.core.embed import Limits
 from service.core.loading import load_configured
 from service.core.registry import ModelRegistry, batch_observer
-from service.deps import FACTS, ResponseFacts, raw_header
+from service.deps import FACTS, ResponseFacts, authorized, raw_header
 from service.engines.layout import thread_layout
 from service.engines.ort_engine import default_intra_op_threads
 from service.errors import ApiError, ErrorKind, render_for_path
@@ -97,8 +96,7 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope.get("headers", []) if name == b"authorization"), b"")
-        # compare_digest against every key, so the time taken does not tell which one nearly matched
-        if not any([hmac.compare_digest(given, expected) for expected in self.expected]):
+        if not authorized(given, self.expected):
             error = ApiError(ErrorKind.UNAUTHORIZED, "missing or invalid API key")
             await render_for_path(scope["path"], error)(scope, receive, send)
             return
@@ -126,8 +124,7 @@ class EarlyRefusal:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] not in _GENERATION_PATHS:
             registry = getattr(self.state, "registry", None)
-            if registry is not None and registry.models and \
-                    all(model.in_flight >= self.limit for model in registry.models):
+            if registry is not None and registry.saturated(self.limit):
                 error = ApiError(ErrorKind.OVERLOADED, "Model is overloaded", retry_after=1)
                 await render_for_path(scope["path"], error)(scope, receive, send)
                 return
@@ -355,10 +352,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     for middleware, options in reversed(layers):
         inner = middleware(inner, **options)
     app.outer = inner
-    observer = inner
     if settings.direct_routes and not settings.cors_allow_origin:
-        assert isinstance(observer, RequestObserver)
-        app.lane = Lane({path.encode(): route for path, route in table.items()}, app, metrics, observer.record,
+        assert isinstance(inner, RequestObserver)
+        app.lane = Lane({path.encode(): route for path, route in table.items()}, app, metrics, inner.record,
                         settings.payload_limit, settings.max_concurrent_requests,
                         tuple(b"Bearer " + key.encode() for key in keys), frozenset(settings.public_paths))
     return app

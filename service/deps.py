@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
@@ -204,6 +205,12 @@ class JsonResponse(Response):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers,
                     FACTS: self.facts})
         await send({"type": "http.response.body", "body": self.body})
+
+
+def authorized(given: bytes, expected: tuple[bytes, ...] | list[bytes]) -> bool:
+    """`given` (an Authorization header) is one of `expected`; compared against every one in constant time, so
+    the time taken does not tell which one nearly matched."""
+    return any([hmac.compare_digest(given, candidate) for candidate in expected])
 
 
 def raw_header(scope: Scope, name: bytes) -> str:

@@ -20,23 +20,14 @@ Off with tracing (whose spans instrument the framework), with CORS, and with `--
 from __future__ import annotations
 
 import asyncio
-import hmac
-import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pydantic import ValidationError
-from starlette.requests import Request
-from starlette.responses import Response
-
-from service.deps import ResponseFacts, raw_header
-from service.errors import ApiError, ErrorKind, render_for_path
+from service.deps import ResponseFacts, authorized, raw_header
 from service.observability import REQUEST_ID, Metrics, request_id_for
-from service.routes.direct import DirectRoute, content_type_is_json
-
-logger = logging.getLogger("embedrank.app")
+from service.routes.direct import DirectRoute, content_type_is_json, respond
 
 # The request-observer half the lane needs: a finished request's metrics and access-log line.
 Recorder = Callable[[dict[str, Any], int, ResponseFacts | None, float], None]
@@ -77,34 +68,12 @@ class Lane:
         if length < 0 or length > self.payload_limit:
             return None  # the app answers 413, or reads a body of unknown length as it streams in
         if self.expected_authorization and route.route.path not in self.public_paths and \
-                not any([hmac.compare_digest(authorization, expected) for expected in self.expected_authorization]):
+                not authorized(authorization, self.expected_authorization):
             return None  # the app answers 401
         registry = getattr(self.app.state, "registry", None)
-        if registry is None or not registry.models or \
-                all(model.in_flight >= self.request_limit for model in registry.models):
-            return None  # the app answers 429 before reading the body
+        if registry is None or not registry.models or registry.saturated(self.request_limit):
+            return None  # the app answers 429 before reading the body (or finds no model)
         return route
-
-    async def answer(self, route: DirectRoute, scope: dict[str, Any], body: bytes,
-                     receive: Callable[[], Awaitable[dict[str, Any]]]) -> Response | None:
-        """Run the route's handler on `body`; its response, or None when the app must answer instead
-        (the body failed validation: the framework words the error)."""
-        arguments: dict[str, Any] = {}
-        if route.body_model is not None:
-            try:
-                arguments["body"] = route.body_model.model_validate_json(body)
-            except ValidationError:
-                return None
-        scope["route"] = route.route
-        scope["app"] = self.app
-        try:
-            return await route.handler(request=Request(scope, receive), **arguments)
-        except ApiError as error:
-            self.metrics.errors.labels(error.kind.value).inc()
-            return render_for_path(scope["path"], error, scope["state"].get("surface"))
-        except Exception as error:
-            logger.error("unhandled error on %s", scope["path"], exc_info=error)
-            return render_for_path(scope["path"], ApiError(ErrorKind.BACKEND, "internal error"))
 
 
 class LaneCycle:
@@ -181,7 +150,8 @@ async def serve(lane: Lane, connection: LaneConnection, cycle: LaneCycle) -> Non
     status = 500
     facts: ResponseFacts | None = None
     try:
-        response = await lane.answer(cycle.route, scope, cycle.body(), cycle.receive)
+        scope["app"] = lane.app  # as the app sets it for its handlers
+        response = await respond(cycle.route, scope, cycle.receive, cycle.body(), lane.metrics)
         if response is None:
             await connection.to_app(cycle)  # the app's observer records it
             return

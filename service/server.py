@@ -48,13 +48,6 @@ class CoalescingTransport:
         else:
             self._transport.writelines(pending)
 
-    def write_now(self, data: bytes) -> None:
-        """Write a whole answer at once: nothing waits to be joined to it (after anything already held)."""
-        if self._pending is None:
-            self._transport.write(data)
-        else:
-            self._pending.append(data)
-
     def close(self) -> None:
         self._flush()
         self._transport.close()
@@ -144,7 +137,7 @@ def http_protocol() -> Any:
             if not cycle.keep_alive:
                 content.append(b"connection: close\r\n")
             content += (b"\r\n", body)
-            self.transport.write_now(b"".join(content))  # type: ignore[attr-defined]
+            self.transport.write(b"".join(content))
             self._lane_answered(cycle)
 
         def _lane_answered(self, cycle: LaneCycle) -> None:

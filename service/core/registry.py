@@ -158,6 +158,10 @@ class ModelRegistry:
                            param="model")
         return next((model for model in self.models if model.task == preferred_task), self.models[0])
 
+    def saturated(self, limit: int) -> bool:
+        """Every model holds `limit` requests: no inference request can be admitted (so 429 at once)."""
+        return bool(self.models) and all(model.in_flight >= limit for model in self.models)
+
     def stop(self) -> None:
         for model in self.models:
             model.stop()

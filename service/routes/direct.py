@@ -92,27 +92,38 @@ class DirectRoutes:
         if body is None:
             return  # the client went away before it finished sending
         replay = _replaying(body, receive)
-        arguments: dict[str, Any] = {}
-        if entry.body_model is not None:
-            try:
-                arguments["body"] = entry.body_model.model_validate_json(body)
-            except ValidationError:
-                await self.app(scope, replay, send)  # the framework words the error
-                return
-        scope["route"] = entry.route
-        request = Request(scope, replay)
-        try:
-            response = await entry.handler(request=request, **arguments)
-        except ApiError as error:
-            response = self._error(scope, error)
-        except Exception as error:
-            logger.error("unhandled error on %s", scope["path"], exc_info=error)
-            response = render_for_path(scope["path"], ApiError(ErrorKind.BACKEND, "internal error"))
+        response = await respond(entry, scope, replay, body, self.metrics)
+        if response is None:
+            await self.app(scope, replay, send)  # the framework words the error
+            return
         await response(scope, replay, send)
 
     def _error(self, scope: Scope, error: ApiError) -> Response:
-        self.metrics.errors.labels(error.kind.value).inc()
-        return render_for_path(scope["path"], error, scope.get("state", {}).get("surface"))
+        return error_response(scope, error, self.metrics)
+
+
+async def respond(entry: DirectRoute, scope: Scope, receive: Receive, body: bytes, metrics: Metrics) -> Response | None:
+    """The route's response to `body` (its errors rendered as the app renders them), or None when the body fails
+    the route's model, whose error the framework words."""
+    arguments: dict[str, Any] = {}
+    if entry.body_model is not None:
+        try:
+            arguments["body"] = entry.body_model.model_validate_json(body)
+        except ValidationError:
+            return None
+    scope["route"] = entry.route
+    try:
+        return await entry.handler(request=Request(scope, receive), **arguments)
+    except ApiError as error:
+        return error_response(scope, error, metrics)
+    except Exception as error:
+        logger.error("unhandled error on %s", scope["path"], exc_info=error)
+        return render_for_path(scope["path"], ApiError(ErrorKind.BACKEND, "internal error"))
+
+
+def error_response(scope: Scope, error: ApiError, metrics: Metrics) -> Response:
+    metrics.errors.labels(error.kind.value).inc()
+    return render_for_path(scope["path"], error, scope.get("state", {}).get("surface"))
 
 
 async def _read_body(receive: Receive) -> bytes | None:

@@ -22,16 +22,31 @@ TruncationDirection = Literal["right", "left"]
 TextOrPair = str | tuple[str, str]
 
 
-@dataclass(frozen=True)
 class TokenizedItem:
-    """One input after tokenization: ids (with special tokens), their type ids, and whether it was cut."""
+    """One input after tokenization: ids (with special tokens), their type ids, and whether it was cut.
 
-    ids: list[int]
-    type_ids: list[int]
-    truncated: bool
+    (A plain class with slots rather than a frozen dataclass: one is made per input on the event loop, and a
+    frozen dataclass sets each field through `object.__setattr__`.)"""
+
+    __slots__ = ("ids", "truncated", "type_ids")
+
+    def __init__(self, ids: list[int], type_ids: list[int], truncated: bool) -> None:
+        self.ids = ids
+        self.type_ids = type_ids
+        self.truncated = truncated
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TokenizedItem):
+            return NotImplemented
+        return (self.ids, self.type_ids, self.truncated) == (other.ids, other.type_ids, other.truncated)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TokenizedItem(ids={self.ids!r}, type_ids={self.type_ids!r}, truncated={self.truncated!r})"
 
 
 @dataclass(frozen=True)
@@ -103,17 +118,17 @@ class TextTokenizer:
         Where the tokenizer is BERT's WordPiece, ASCII inputs take the Python fast path (the same ids,
         several times cheaper: see `wordpiece`); the rest go to `tokenizers`.
         """
-        prepared = [self._prepare(item) for item in items]
+        prepared = [self._prepare(item) for item in items] if self.lowercase_input else items
         fast = self._fast
         if fast is None:
             return self._encode_with_library(prepared, truncate, direction, add_special_tokens)
         max_length = self.max_length if truncate else None
         results: list[TokenizedItem | None] = []
         left: list[int] = []
-        for index, item in enumerate(prepared):
+        for item in prepared:
             encoded = fast.encode(item, max_length, direction, add_special_tokens)
             if encoded is None:
-                left.append(index)
+                left.append(len(results))
                 results.append(None)
             else:
                 results.append(TokenizedItem(*encoded))

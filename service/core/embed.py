@@ -7,7 +7,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -109,6 +110,7 @@ async def tokenize(model: ServedModel, items: Sequence[TextOrPair | list[int]], 
     """Tokenize inputs (token-id inputs pass through), enforcing the model's max length."""
     start = time.perf_counter()
     max_length = model.manifest.max_length
+    limit = max_characters or (None if truncate else max_length * MAX_CHARS_PER_TOKEN)
     texts: list[TextOrPair] = []
     positions: list[int] = []
     tokenized: list[TokenizedItem | None] = [None] * len(items)
@@ -127,32 +129,39 @@ async def tokenize(model: ServedModel, items: Sequence[TextOrPair | list[int]], 
             continue
         length = len(item[0]) + len(item[1]) if isinstance(item, tuple) else len(item)
         characters += length
-        limit = max_characters or (None if truncate else max_length * MAX_CHARS_PER_TOKEN)
         if limit is not None and length > limit:
             raise ApiError(ErrorKind.VALIDATION, f"`inputs` must have less than {limit} characters")
         texts.append(item)
         positions.append(position)
+    result: list[TokenizedItem]
     if texts:
-        def work() -> list[TokenizedItem]:
-            return model.bundle.tokenizer.encode(texts, truncate=truncate, direction=direction)
-
+        tokenizer = model.bundle.tokenizer
         try:
             if characters <= INLINE_TOKENIZE_CHARS or executor is None:
-                encoded = work()
+                encoded = tokenizer.encode(texts, truncate=truncate, direction=direction)
             else:
-                encoded = await asyncio.get_running_loop().run_in_executor(executor, work)
+                encoded = await asyncio.get_running_loop().run_in_executor(
+                    executor, partial(tokenizer.encode, texts, truncate=truncate, direction=direction))
         except Exception as error:  # tokenizers raises its own exception type for bad input
             raise ApiError(ErrorKind.TOKENIZER, f"tokenization failed: {error}") from None
-        for position, encoding in zip(positions, encoded, strict=True):
-            tokenized[position] = encoding
-    result = [encoded_item for encoded_item in tokenized if encoded_item is not None]
+        if len(texts) == len(items):  # texts only, the usual request
+            result = encoded
+        else:
+            for position, encoding in zip(positions, encoded, strict=True):
+                tokenized[position] = encoding
+            result = cast(list[TokenizedItem], tokenized)
+    else:
+        result = cast(list[TokenizedItem], tokenized)
+    tokens = truncated = 0
     for encoded_item in result:
-        if len(encoded_item) > max_length:
+        length = len(encoded_item.ids)
+        if length > max_length:
             raise ApiError(ErrorKind.VALIDATION,
-                           f"`inputs` must have less than {max_length} tokens. Given: {len(encoded_item)}")
+                           f"`inputs` must have less than {max_length} tokens. Given: {length}")
+        tokens += length
+        truncated += encoded_item.truncated
     timings.tokenization = (time.perf_counter() - start) * 1000
-    usage = Usage(items=len(result), tokens=sum(len(e) for e in result), characters=characters,
-                  truncated=sum(e.truncated for e in result))
+    usage = Usage(items=len(result), tokens=tokens, characters=characters, truncated=truncated)
     return result, usage
 
 

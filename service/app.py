@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.datastructures import State
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -198,6 +199,26 @@ def _validation_message(error: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class AppState(State):
+    """`app.state` whose values plain attribute lookup finds. Starlette's `State` keeps them in a dict that its
+    `__getattr__` reads, which Python calls only after the ordinary lookup has failed: about 0.45 us a read, where
+    a request reads three or four (its registry, limits, executor)."""
+
+    def __setattr__(self, key: Any, value: Any) -> None:
+        super().__setattr__(key, value)
+        object.__setattr__(self, key, value)
+
+    def __delattr__(self, key: Any) -> None:
+        super().__delattr__(key)
+        object.__delattr__(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.__setattr__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.__delattr__(key)
+
+
 class EmbedRankApp(FastAPI):
     """The app, with our middlewares in front of the framework's own stack rather than inside it: a request
     the direct routes answer passes only through them, not through the framework's error, telemetry and
@@ -263,6 +284,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                        telemetry={"tracing": False, "metrics": False, "logs": False},
                        description="Embeddings and rerank on ONNX Runtime, compatible with TEI, Infinity, "
                        "OpenAI, Cohere and Jina clients.")
+    app.state = AppState()
     proxy = None
     if settings.llm or settings.llm_config:
         proxy = LlmProxy(load_upstreams(settings.llm, settings.llm_config),

@@ -46,6 +46,16 @@ def test_token_id_inputs(client: TestClient, embed_model: ServedModel) -> None:
     assert np.allclose(by_ids, by_text, atol=1e-6) and len(by_list) == 2
 
 
+def test_texts_and_token_ids_mixed_in_one_request_keep_their_order(client: TestClient,
+                                                                    embed_model: ServedModel) -> None:
+    ids = embed_model.bundle.tokenizer.encode(["second text here"])[0].ids
+    mixed = client.post("/embed", json={"inputs": ["first text", ids, "third one"]})
+    alone = [client.post("/embed", json={"inputs": single}).json()[0] for single in ("first text", ids, "third one")]
+    assert mixed.status_code == 200 and np.allclose(mixed.json(), alone, atol=1e-6)
+    lengths = [len(embed_model.bundle.tokenizer.encode([text])[0]) for text in ("first text", "third one")]
+    assert int(mixed.headers["x-compute-tokens"]) == lengths[0] + len(ids) + lengths[1]
+
+
 def test_normalize_false_and_dimensions(client: TestClient, embed_model: ServedModel) -> None:
     raw = client.post("/embed", json={"inputs": "abc", "normalize": False}).json()
     assert np.allclose(raw, expected(embed_model, ["abc"], normalize=False), atol=1e-5)

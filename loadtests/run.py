@@ -7,6 +7,11 @@ For each dtype: the ceiling is measured first (ONNX Runtime called directly, not
 then a server is started on 127.0.0.1 and wrk drives each scenario. wrk's own CPU use is measured
 and reported, since on a small machine the load generator competes with the server.
 Results go to loadtests/results/ as JSON and a Markdown table.
+
+With `--device cuda` (onnxruntime-gpu and an NVIDIA GPU), the ceiling and the server both use the
+CUDA execution provider, and the dtypes default to float32 and float16:
+
+    python -m loadtests.run --device cuda --reranker models/minilm-cross-encoder
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import httpx
 
 from service.bench import SHORT_TEXTS, long_text
 from service.engines.bundle import BundleModel
-from service.engines.ort_engine import SessionConfig
+from service.engines.ort_engine import Device, SessionConfig
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "post.lua"
@@ -63,6 +68,8 @@ SCENARIOS = [
 LONG_WORDS = 240  # about 256 tokens for MiniLM's vocabulary
 CEILING_BATCHES = 8  # distinct batch-32 inputs the ceiling cycles through (8 x 8 for batch 1)
 CEILING_ROUNDS = 2  # every ceiling configuration is measured this many times, interleaved; the best counts
+# The dtypes measured on each device unless --dtype says otherwise.
+DEVICE_DTYPES: dict[str, list[str]] = {"cpu": ["float32", "int8"], "cuda": ["float32", "float16"]}
 
 
 def short_text(index: int, offset: int = 0) -> str:
@@ -94,25 +101,36 @@ def throughput(forward: Callable[[Any], Any], batch: Any, size: int, workers: in
     return done[0] / (time.perf_counter() - started)
 
 
-def ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
+def _layouts(device: Device) -> dict[str, tuple[SessionConfig, int]]:
+    """The ways of running passes a ceiling tries, as (session settings, passes at once). On the CPU:
+    one pass at a time on all cores, two such passes at once, or one single-threaded pass per core. On
+    CUDA the GPU runs each pass: one at a time, or two at once (one's host work overlapping the other's
+    kernels)."""
+    layouts = {"1_pass": (SessionConfig(), 1), "2_pass": (SessionConfig(), 2)}
+    if device == "cpu":
+        cores = len(os.sched_getaffinity(0))
+        layouts[f"{cores}_single_thread_passes"] = (SessionConfig(intra_op_threads=1), cores)
+    return layouts
+
+
+def ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
+            rounds: int = CEILING_ROUNDS) -> dict[str, float]:
     """Batch-1 latency and batch-32 throughput ONNX Runtime reaches in this process, each the best of
-    the configurations tried (thread spinning on or off, or one thread; one pass at a time on all
-    cores, two such passes at once, or one single-threaded pass per core) and of `CEILING_ROUNDS`
-    rounds, so the server is held to the best the machine does, not to its own settings nor to a
-    moment when the machine was slow. The inputs are the scenarios' own texts: batch 1 cycles through
-    the first single-text requests, batch 32 through the first 32-text ones."""
+    the configurations tried (on the CPU: thread spinning on or off, or one thread; and the layouts of
+    `_layouts`) and of `rounds` rounds, so the server is held to the best the machine does, not to its
+    own settings nor to a moment when the machine was slow. The inputs are the scenarios' own texts:
+    batch 1 cycles through the first single-text requests, batch 32 through the first 32-text ones."""
     result: dict[str, float] = {}
     single_configs = {"spinning_off": SessionConfig(), "spinning_on": SessionConfig(allow_spinning=True),
                       "single_thread": SessionConfig(intra_op_threads=1)}
-    single_models = {label: BundleModel(bundle, variant=variant, session_config=config)
+    if device == "cuda":  # the CPU's thread settings do not change a GPU pass
+        single_configs = {"cuda": SessionConfig()}
+    single_models = {label: BundleModel(bundle, variant=variant, device=device, session_config=config)
                      for label, config in single_configs.items()}
     tokenizer = next(iter(single_models.values())).tokenizer
     singles = [tokenizer.pad(tokenizer.encode([short_text(index)])) for index in range(CEILING_BATCHES * 8)]
-    cores = len(os.sched_getaffinity(0))
-    # All cores on one pass (one pass at a time, or two at once), or one thread per pass and one pass per core.
-    layouts = {"1_pass": (SessionConfig(), 1), "2_pass": (SessionConfig(), 2),
-               f"{cores}_single_thread_passes": (SessionConfig(intra_op_threads=1), cores)}
-    layout_models = {label: BundleModel(bundle, variant=variant, session_config=config)
+    layouts = _layouts(device)
+    layout_models = {label: BundleModel(bundle, variant=variant, device=device, session_config=config)
                      for label, (config, _) in layouts.items()}
     full = [tokenizer.pad(tokenizer.encode([short_text(index, offset) for offset in range(32)]))
             for index in range(CEILING_BATCHES)]
@@ -120,7 +138,7 @@ def ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
     long = tokenizer.pad(long_items)
     # Batch 4 too: a 1024-token pass (the server's CPU target) holds four such texts.
     long_half = tokenizer.pad(long_items[:4])
-    for _ in range(CEILING_ROUNDS):
+    for _ in range(rounds):
         for label, model in single_models.items():
             for single in singles[:10]:
                 model.forward_pooled(single)
@@ -163,18 +181,17 @@ def rerank_documents(seed: int) -> list[str]:
     return [long_text(75, seed=seed * RERANK_DOCUMENTS + index) for index in range(RERANK_DOCUMENTS)]
 
 
-def rerank_ceiling(bundle: Path, variant: str, seconds: float) -> dict[str, float]:
+def rerank_ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
+                   rounds: int = CEILING_ROUNDS) -> dict[str, float]:
     """Pairs per second ONNX Runtime scores in this process, batches of half a request's pairs (what a
-    1024-token pass holds), one request's 20 or 32, one pass at a time on all cores, two at once, or
-    one single-threaded pass per core, each in `CEILING_ROUNDS` rounds: the best is the ceiling."""
-    cores = len(os.sched_getaffinity(0))
-    layouts = {"1_pass": (SessionConfig(), 1), "2_pass": (SessionConfig(), 2),
-               f"{cores}_single_thread_passes": (SessionConfig(intra_op_threads=1), cores)}
+    1024-token pass holds), one request's 20 or 32, in each layout of `_layouts`, each in `rounds`
+    rounds: the best is the ceiling."""
+    layouts = _layouts(device)
     pairs = [(SHORT_TEXTS[0], document) for document in rerank_documents(0) + rerank_documents(1)]
     result: dict[str, float] = {}
-    models = {label: BundleModel(bundle, variant=variant, session_config=config)
+    models = {label: BundleModel(bundle, variant=variant, device=device, session_config=config)
               for label, (config, _) in layouts.items()}
-    for _ in range(CEILING_ROUNDS):
+    for _ in range(rounds):
         for label, (_, workers) in layouts.items():
             model = models[label]
             for size in (RERANK_DOCUMENTS // 2, RERANK_DOCUMENTS, 32):
@@ -199,10 +216,10 @@ def rerank_bodies(scratch: Path) -> Path:
 
 
 def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str, Any], scratch: Path,
-               server_args: tuple[str, ...] = ()) -> None:
+               server_args: tuple[str, ...] = (), device: Device = "cpu", rounds: int = CEILING_ROUNDS) -> None:
     bodies = rerank_bodies(scratch)
     for dtype in dtypes:
-        base = rerank_ceiling(bundle, dtype, max(2.0, seconds / 3))
+        base = rerank_ceiling(bundle, dtype, max(2.0, seconds / 3), device, rounds)
         with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
             measured = run_wrk(url, bodies, 8, seconds * RERANK_WINDOW_FACTOR, server.pid, path="/rerank")
         pairs_per_second = measured["requests"] * RERANK_DOCUMENTS / measured["seconds"]
@@ -324,17 +341,20 @@ def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid
 
 def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
         reranker: Path | None = None, server_args: tuple[str, ...] = (), only: str | None = None,
-        rounds: int = 1) -> dict[str, Any]:
+        rounds: int = 1, device: Device = "cpu", ceiling_rounds: int = CEILING_ROUNDS) -> dict[str, Any]:
     """Every scenario against its ceiling; with `rounds` > 1 the whole sequence (ceilings, servers,
-    scenarios) runs that many times and the report adds each figure's median and range."""
+    scenarios) runs that many times and the report adds each figure's median and range. `device`:
+    the execution provider of both the ceiling and the servers."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     report: dict[str, Any] = {
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "bundle": str(bundle), "reranker": str(reranker), "seconds_per_scenario": seconds,
+                    "python": platform.python_version(), "gpu": _gpu_name() if device == "cuda" else None},
+        "device": device, "bundle": str(bundle), "reranker": str(reranker), "seconds_per_scenario": seconds,
         "server_args": list(server_args), "results": [], "servers": [], "rounds": rounds,
+        "ceiling_rounds": ceiling_rounds,
     }
+    server_args = ("--device", device, *server_args)
     with tempfile.TemporaryDirectory() as scratch:
         bodies = {(scenario.kind, scenario.texts_per_request):
                   _bodies(Path(scratch), scenario.texts_per_request, scenario.kind) for scenario in SCENARIOS}
@@ -342,10 +362,10 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
         for round_number in range(1, rounds + 1):
             first = len(report["results"]), len(report["servers"])
             if reranker is not None and (only is None or "rerank" in only):
-                run_rerank(reranker, dtypes, seconds, report, Path(scratch), server_args)
+                run_rerank(reranker, dtypes, seconds, report, Path(scratch), server_args, device, ceiling_rounds)
             for dtype in dtypes if bundle is not None and scenarios else []:
                 assert bundle is not None
-                run_embed(bundle, dtype, scenarios, seconds, report, bodies, server_args)
+                run_embed(bundle, dtype, scenarios, seconds, report, bodies, server_args, device, ceiling_rounds)
                 if reranker is not None and only is None:
                     run_mixed(bundle, reranker, dtype, seconds, report, bodies[("short", 1)], Path(scratch),
                               server_args)
@@ -363,9 +383,10 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
 
 
 def run_embed(bundle: Path, dtype: str, scenarios: list[Scenario], seconds: float, report: dict[str, Any],
-              bodies: dict[tuple[str, int], Path], server_args: tuple[str, ...] = ()) -> None:
+              bodies: dict[tuple[str, int], Path], server_args: tuple[str, ...] = (), device: Device = "cpu",
+              rounds: int = CEILING_ROUNDS) -> None:
     """The ceiling, then one server for every embed scenario, then its start-up and memory figures."""
-    base = ceiling(bundle, dtype, max(2.0, seconds / 2))
+    base = ceiling(bundle, dtype, max(2.0, seconds / 2), device, rounds)
     with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
         footprint = {"dtype": dtype, "ready_seconds": STARTUPS[server.pid],
                      "idle_rss_mb": memory_mb(server.pid)["rss_mb"]}
@@ -446,8 +467,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.set_title(title)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(f"embedrank, {Path(str(report['bundle'])).name}, {report['machine']['cpu']}, "
-                    f"{report['machine']['cores']} cores", fontsize=9)
+    figure.suptitle(f"embedrank, {Path(str(report['bundle'])).name}, {_machine_line(report)}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -475,6 +495,24 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def _gpu_name() -> str | None:
+    """The GPU's name as nvidia-smi gives it (None without nvidia-smi)."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30, check=True).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return names[0] if names else None
+
+
+def _machine_line(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    text = f"{machine['cpu']}, {machine['cores']} cores"
+    if report.get("device") == "cuda":
+        text += f"; CUDA provider on {machine.get('gpu') or 'an unnamed GPU'}"
+    return text
 
 
 def _row(entry: dict[str, Any]) -> str:
@@ -520,7 +558,7 @@ def summary(report: dict[str, Any]) -> list[str]:
     for entry in report["results"]:
         groups.setdefault((entry["dtype"], entry["scenario"]), []).append(entry)
     lines = [
-        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
+        f"Machine: {_machine_line(report)}; "
         f"{report['seconds_per_scenario']:.0f} s per scenario; {report['rounds']} rounds (ceilings measured "
         f"again in each); median [lowest, highest] over the rounds.",
         "",
@@ -546,7 +584,7 @@ def summary(report: dict[str, Any]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
+        f"Machine: {_machine_line(report)}; "
         f"{report['seconds_per_scenario']:.0f} s per scenario; bundles {Path(str(report['bundle'])).name}, "
         f"{Path(str(report['reranker'])).name}.",
         "",
@@ -595,7 +633,12 @@ def main() -> None:
                         help="embedding bundle for the embed scenarios ('none' to skip them)")
     parser.add_argument("--reranker", type=Path, default=None,
                         help="cross-encoder bundle for the rerank scenario (see loadtests/make_reranker.py)")
-    parser.add_argument("--dtype", action="append", choices=["float32", "int8"], default=None)
+    parser.add_argument("--dtype", action="append", choices=["float32", "int8", "float16"], default=None,
+                        help="repeat for several; default: float32 and int8 on the CPU, float32 and float16 on CUDA")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="execution provider for the ceiling and the servers (cuda: onnxruntime-gpu)")
+    parser.add_argument("--ceiling-rounds", type=int, default=CEILING_ROUNDS,
+                        help="times each ceiling configuration is measured (the best counts)")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--output", type=Path, default=HERE / "results")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -606,8 +649,8 @@ def main() -> None:
                         help="run everything this many times (ceilings included) and report medians and ranges")
     args = parser.parse_args()
     bundle = None if str(args.bundle) == "none" else args.bundle
-    run(bundle, args.dtype or ["float32", "int8"], args.seconds, args.output, args.reranker,
-        tuple(args.server_arg), args.only, max(1, args.rounds))
+    run(bundle, args.dtype or DEVICE_DTYPES[args.device], args.seconds, args.output, args.reranker,
+        tuple(args.server_arg), args.only, max(1, args.rounds), args.device, max(1, args.ceiling_rounds))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """`embedrank bench BUNDLE`: the in-process ceiling every HTTP figure is compared with.
 
 ONNX Runtime is called directly (through the same BundleModel the server uses) at batch 1, 8 and 32
-on short and long inputs, for every variant of the bundle. Inputs are tokenized once beforehand, so
-the figures are the model's own speed on this machine: what a perfect server could reach.
+on short and long inputs, for every variant of the bundle that runs on the chosen device (the CPU:
+float32 and int8; CUDA: float32 and float16). Inputs are tokenized once beforehand, so the figures
+are the model's own speed on this machine: what a perfect server could reach.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from service.core.manifest import load_manifest
 from service.engines.bundle import BundleModel
-from service.engines.ort_engine import SessionConfig
+from service.engines.ort_engine import Device, SessionConfig
 from service.engines.tokenizer import TextOrPair
 
 SHORT_TEXTS = [
@@ -58,19 +59,27 @@ def measure(model: BundleModel, texts: Sequence[TextOrPair], batch_size: int, se
     return median * 1000, batch_size / median
 
 
+# What each device runs: fp16 on a CPU is emulated and says nothing; int8 (QDQ/integer kernels) is
+# the CPU's variant, and the CUDA provider hands most of its operators back to the CPU.
+DEVICE_VARIANTS: dict[str, tuple[str, ...]] = {"cpu": ("float32", "int8"), "cuda": ("float32", "float16")}
+
+
+def bench_variants(available: Sequence[str], device: Device) -> list[str]:
+    """The bundle's variants worth measuring on `device`, in the bundle's order."""
+    return [variant for variant in available if variant in DEVICE_VARIANTS[device]]
+
+
 def run_bench(bundle_dir: Path, variants: list[str] | None = None, batch_sizes: tuple[int, ...] = (1, 8, 32),
-              seconds: float = 2.0, intra_op_threads: int = 0) -> list[Measurement]:
+              seconds: float = 2.0, intra_op_threads: int = 0, device: Device = "cpu") -> list[Measurement]:
     manifest = load_manifest(bundle_dir)
     results = []
     inputs: dict[str, list[TextOrPair]] = {"short": list(SHORT_TEXTS),
                                            "long": [long_text(seed=index) for index in range(8)]}
     if manifest.task == "rerank":
         inputs = {"pairs": [(query, long_text(100, seed)) for seed, query in enumerate(SHORT_TEXTS)]}
-    for variant in variants or list(manifest.variants):
-        if variant == "float16":
-            continue  # fp16 is for the CUDA provider; on a CPU it is emulated and says nothing
+    for variant in variants or bench_variants(list(manifest.variants), device):
         config = SessionConfig(intra_op_threads=intra_op_threads)
-        model = BundleModel(bundle_dir, variant=variant, session_config=config)
+        model = BundleModel(bundle_dir, variant=variant, device=device, session_config=config)
         for kind, texts in inputs.items():
             for size in batch_sizes:
                 ms, rate = measure(model, texts, size, seconds)
@@ -80,8 +89,9 @@ def run_bench(bundle_dir: Path, variants: list[str] | None = None, batch_sizes: 
     return results
 
 
-def main(bundle: str, output: str | None, seconds: float) -> int:
-    results = run_bench(Path(bundle), seconds=seconds)
+def main(bundle: str, output: str | None, seconds: float, device: Device = "cpu") -> int:
+    results = run_bench(Path(bundle), seconds=seconds, device=device)
+    print(f"device: {device}")
     print(f"{'variant':<8} {'inputs':<6} {'batch':>5} {'ms/batch':>9} {'items/s':>9} {'tokens/item':>11}")
     for row in results:
         print(f"{row.variant:<8} {row.inputs:<6} {row.batch_size:>5} {row.ms_per_batch:>9.2f} "

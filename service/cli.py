@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("bundle", help="bundle directory (models/NAME)")
     bench.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     bench.add_argument("--json", dest="json_path", default=None, help="also write the results to this file")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="execution provider: cpu measures float32 and int8, cuda float32 and float16")
     inspect = commands.add_parser("inspect", help="print a bundle's manifest summary")
     inspect.add_argument("bundle", help="bundle directory (models/NAME)")
     args = parser.parse_args(argv)
@@ -131,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.command == "bench":
         from service.bench import main as bench_main
+        from service.engines.ort_engine import EngineError
 
-        return bench_main(args.bundle, args.json_path, args.seconds)
+        try:
+            return bench_main(args.bundle, args.json_path, args.seconds, args.device)
+        except EngineError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     from exporters.cli import run
 
     return run(args)

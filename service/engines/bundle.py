@@ -7,15 +7,26 @@ verified is exactly what is served.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
 from service.core.manifest import Manifest, load_manifest
-from service.engines.ort_engine import Device, Engine, OrtEngine, SessionConfig
+from service.engines.ort_engine import FP16_ATTENTION_KERNELS, Device, Engine, OrtEngine, SessionConfig
 from service.engines.pooling import DenseStack, normalize, pool
 from service.engines.tokenizer import EncodedBatch, TextOrPair, TextTokenizer, TokenizedItem
+
+
+def variant_session_config(variant: str, device: Device, config: SessionConfig | None) -> SessionConfig | None:
+    """The session settings a variant runs with: float16 on CUDA keeps away from cuDNN's attention
+    (FP16_ATTENTION_KERNELS) unless the settings name their own attention kernels."""
+    if device == "cuda" and variant == "float16":
+        settings = config or SessionConfig()
+        if not settings.cuda_attention_kernels:
+            return replace(settings, cuda_attention_kernels=FP16_ATTENTION_KERNELS)
+    return config
 
 
 class BundleModel:
@@ -45,6 +56,7 @@ class BundleModel:
             max_length=self.manifest.max_length,
             lowercase_input=self.manifest.lowercase_input,
         )
+        session_config = variant_session_config(variant, device, session_config)
         self.engine: Engine = engine or OrtEngine(
             model_file or bundle_dir / self.manifest.variants[variant].file,
             input_names=self.manifest.input_names,

@@ -98,3 +98,30 @@ def test_lone_pass_flag_takes_auto_true_and_false() -> None:
     assert parser.parse_args(["--lone-pass", "auto"]).lone_pass == "auto"
     assert parser.parse_args(["--lone-pass"]).lone_pass is True
     assert parser.parse_args(["--lone-pass", "false"]).lone_pass is False
+
+
+def test_float16_on_cuda_keeps_away_from_cudnn_attention() -> None:
+    """cuDNN's flash attention plans every new input shape anew (~70 ms of CPU each on an H200): a
+    float16 session on CUDA names every other attention kernel; other variants and devices keep
+    ONNX Runtime's own choice, and settings that name kernels themselves win."""
+    from service.engines.bundle import variant_session_config
+    from service.engines.ort_engine import (
+        CUDNN_FLASH_ATTENTION,
+        FP16_ATTENTION_KERNELS,
+        MATH_ATTENTION,
+        SessionConfig,
+        cuda_provider_options,
+    )
+
+    chosen = variant_session_config("float16", "cuda", None)
+    assert chosen is not None and chosen.cuda_attention_kernels == FP16_ATTENTION_KERNELS
+    assert not FP16_ATTENTION_KERNELS & CUDNN_FLASH_ATTENTION and FP16_ATTENTION_KERNELS & MATH_ATTENTION
+    assert cuda_provider_options(chosen)["sdpa_kernel"] == str(FP16_ATTENTION_KERNELS)
+    kept = variant_session_config("float16", "cuda", SessionConfig(intra_op_threads=3))
+    assert kept == SessionConfig(intra_op_threads=3, cuda_attention_kernels=FP16_ATTENTION_KERNELS)
+    assert variant_session_config("float16", "cuda", SessionConfig(cuda_attention_kernels=MATH_ATTENTION)) == \
+        SessionConfig(cuda_attention_kernels=MATH_ATTENTION)
+    for variant, device in (("float32", "cuda"), ("float16", "cpu"), ("int8", "cpu")):
+        assert variant_session_config(variant, device, None) is None
+        assert "sdpa_kernel" not in cuda_provider_options(variant_session_config(variant, device, None)
+                                                          or SessionConfig())

@@ -85,13 +85,12 @@ class Settings(BaseSettings):
         None, ge=1, description="Threads tokenizing large requests (default: CPU cores). Small inputs are "
         "tokenized inline, which is faster than a thread hand-off.")
     intra_op_threads: int | None = Field(
-        None, ge=1, description="ONNX Runtime threads per forward pass (default: all available cores; for int8 "
-        "on CPU half of them, with two passes at once).")
+        None, ge=1, description="ONNX Runtime threads per forward pass (default on CPU: 1, with one pass per "
+        "core; on CUDA: all available cores).")
     engine_workers: int | None = Field(
-        None, ge=1, description="Forward passes run at once per model (default: 2 on machines with 2 or more "
-        "cores). With float32 each pass uses every core and the second one runs only small batches, which "
-        "keeps a small CPU busy while the event loop works; 1 gives the lowest latency for a lone request on "
-        "an idle server.")
+        None, ge=1, description="Forward passes run at once per model (default on CPU: one per core, each "
+        "single-threaded; on CUDA: 2). Given alone on CPU, int8 passes get half the cores each and float32 "
+        "passes share the cores; 1 runs one pass at a time on every core.")
     release_memory_idle_seconds: float = Field(
         2.0, ge=0, description="After this many seconds without work following a burst, hand the memory "
         "ONNX Runtime keeps for reuse (its arena's free blocks) back to the system, so RSS grown by large or "

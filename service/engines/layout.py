@@ -1,17 +1,20 @@
 """How a model uses the CPU: ONNX Runtime threads per forward pass, passes at once, and which batches
 may run beside a running one.
 
-Two layouts (measured on 2 cores with all-MiniLM-L6-v2):
+Two layouts:
 
-- Narrow passes (every model on CPU): the cores shared among two passes that run at once, any size
-  (on 2 cores: two single-threaded passes). Single-threaded passes have no barriers to stall when
-  the event loop takes a core: int8, 32 clients got 1,140 texts/s instead of 945 with wide passes.
-  fp32 passes were wide (two threads each, a second pass only when small) until the lone session
-  below took over the lone request, which was what the width was for; in alternated runs narrow
-  fp32 passes got 8 long-text clients 26.7-27.2 texts/s instead of 24.3-24.9, 32 single-text clients
-  506 instead of 485, 8 x 32 texts 599 instead of 561, at a higher p99 for long texts (one long
-  batch on one thread takes twice as long). int8 uses half the cores per pass on bigger machines too;
-  fp32 divides them among the passes (`--engine-workers 1` gives one pass every core).
+- Narrow passes (every model on CPU): one single-threaded pass per core, any size. Measured on 2
+  cores with all-MiniLM-L6-v2: single-threaded passes have no barriers to stall when the event loop
+  takes a core: int8, 32 clients got 1,140 texts/s instead of 945 with wide passes. fp32 passes were
+  wide (two threads each, a second pass only when small) until the lone session below took over the
+  lone request, which was what the width was for; in alternated runs narrow fp32 passes got 8
+  long-text clients 26.7-27.2 texts/s instead of 24.3-24.9, 32 single-text clients 506 instead of
+  485, 8 x 32 texts 599 instead of 561, at a higher p99 for long texts (one long batch on one thread
+  takes twice as long). On 16 cores of a Xeon (the GPU machine's host) the same holds: ONNX Runtime
+  in-process ran batches of 32 at 5,915 int8 texts/s as 16 single-threaded passes against 1,880 as
+  two 8-thread passes, and the server, which ran two 8-thread passes there before, got 8 clients x
+  32 texts 5,964 int8 texts/s instead of 2,415-2,621 and 3,538 fp32 instead of 1,539-1,838; 32
+  single-text int8 clients 1,788 instead of 1,472-1,486, fp32 1,332 against 1,197-1,535.
 - Wide passes (every CUDA model, or CPU with `--intra-op-threads` = the cores): each pass uses every
   core, and a second pass may run beside it only when it is small (at most `SMALL_OVERLAP_TOKENS`
   padded tokens), which keeps the cores busy when the event loop takes one of them.
@@ -21,12 +24,13 @@ spin between operators (`lone_threads`), stopped the moment the pass ends, so an
 nothing and the sessions that serve concurrent load never spin. It widens the pass and adds the
 spinning: int8 batch-1 on two spinning threads took 1.0-1.3 ms where one thread took 1.3-2.3 ms; fp32
 batch-1 of ~13 tokens took 2.25-2.5 ms spinning on two threads against 2.9 ms not spinning and 4.2 ms
-on one thread, and a lone fp32 client's p50 over HTTP went from 3.7 to 3.1 ms. It costs a second copy
+on one, and a lone fp32 client's p50 over HTTP went from 3.7 to 3.1 ms. It costs a second copy
 of the weights (~90 MB for MiniLM fp32, ~60 MB int8). Where the main session spins already and is as
 wide, there is no second one.
 
-`--intra-op-threads` and `--engine-workers` override either choice; whenever passes x threads fit in
-the cores, any batch may overlap.
+`--intra-op-threads` and `--engine-workers` override either choice (with `--engine-workers` alone,
+int8 passes keep half the cores and fp32 passes share them); whenever passes x threads fit in the
+cores, any batch may overlap.
 """
 
 from __future__ import annotations
@@ -55,13 +59,15 @@ def thread_layout(variant: str, device: str, cores: int, intra_op_threads: int |
     """The layout for a model variant on `cores` cores; explicit settings win. `spinning`: the main
     session's threads spin already (--allow-spinning, --spin-microseconds)."""
     cores = max(1, cores)
-    passes = workers or min(2, cores)
     if device != "cpu":
-        threads = cores
+        passes, threads = workers or min(2, cores), cores
+    elif workers is None:  # one single-threaded pass per core (or as many as --intra-op-threads fits, 2 at least)
+        threads = intra_op_threads or 1
+        passes = max(min(2, cores), cores // threads)
     elif variant == "int8":
-        threads = max(1, cores // 2)
+        passes, threads = workers, max(1, cores // 2)
     else:  # float32: the cores are shared among the passes (one pass alone gets them all)
-        threads = max(1, cores // passes)
+        passes, threads = workers, max(1, cores // workers)
     threads = intra_op_threads or threads
     adds_something = threads < cores or not spinning  # a wider pass, or spinning threads
     lone = cores if lone_pass and device == "cpu" and passes > 1 and adds_something else None

@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from service.bench import SHORT_TEXTS, long_text
+from service.bench import DEVICE_VARIANTS, SHORT_TEXTS, long_text
 from service.engines.bundle import BundleModel
 from service.engines.ort_engine import Device, SessionConfig
 
@@ -68,8 +68,6 @@ SCENARIOS = [
 LONG_WORDS = 240  # about 256 tokens for MiniLM's vocabulary
 CEILING_BATCHES = 8  # distinct batch-32 inputs the ceiling cycles through (8 x 8 for batch 1)
 CEILING_ROUNDS = 2  # every ceiling configuration is measured this many times, interleaved; the best counts
-# The dtypes measured on each device unless --dtype says otherwise.
-DEVICE_DTYPES: dict[str, list[str]] = {"cpu": ["float32", "int8"], "cuda": ["float32", "float16"]}
 
 
 def short_text(index: int, offset: int = 0) -> str:
@@ -649,7 +647,7 @@ def main() -> None:
                         help="run everything this many times (ceilings included) and report medians and ranges")
     args = parser.parse_args()
     bundle = None if str(args.bundle) == "none" else args.bundle
-    run(bundle, args.dtype or DEVICE_DTYPES[args.device], args.seconds, args.output, args.reranker,
+    run(bundle, args.dtype or list(DEVICE_VARIANTS[args.device]), args.seconds, args.output, args.reranker,
         tuple(args.server_arg), args.only, max(1, args.rounds), args.device, max(1, args.ceiling_rounds))
 
 

@@ -59,8 +59,8 @@ def measure(model: BundleModel, texts: Sequence[TextOrPair], batch_size: int, se
     return median * 1000, batch_size / median
 
 
-# What each device runs: fp16 on a CPU is emulated and says nothing; int8 (QDQ/integer kernels) is
-# the CPU's variant, and the CUDA provider hands most of its operators back to the CPU.
+# The variants each device is measured with (and the load tests' default dtypes): fp16 is for the CUDA
+# provider (on a CPU it is emulated and says nothing); int8 is the CPU's variant.
 DEVICE_VARIANTS: dict[str, tuple[str, ...]] = {"cpu": ("float32", "int8"), "cuda": ("float32", "float16")}
 
 

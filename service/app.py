@@ -315,7 +315,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                             target_tokens=pass_token_budget(model.device, settings.max_batch_tokens,
                                                             settings.target_batch_tokens),
                             release_idle_seconds=settings.release_memory_idle_seconds,
-                            inline_tokens=inline_pass_tokens(model.device, settings.inline_pass_tokens))
+                            inline_tokens=inline_pass_tokens(model.device, settings.inline_pass_tokens),
+                            keep_requests_whole=model.device == "cuda")
 
     if registry is not None:
         start_batchers(registry)

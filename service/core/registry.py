@@ -93,12 +93,12 @@ class ServedModel:
 
     def start(self, max_batch_tokens: int, max_batch_requests: int | None, on_batch: Any = None,
               workers: int = 1, nice: int = 0, overlap_tokens: int = 256, target_tokens: int | None = None,
-              release_idle_seconds: float = 0.0, inline_tokens: int = 0) -> None:
+              release_idle_seconds: float = 0.0, inline_tokens: int = 0, keep_requests_whole: bool = False) -> None:
         release = getattr(self.bundle.engine, "release_memory", None)
         self.batcher = DynamicBatcher(self.name, self.run_batch, max_batch_tokens, max_batch_requests, on_batch,
                                       workers=workers, nice=nice, overlap_tokens=overlap_tokens,
                                       target_tokens=target_tokens, on_idle=release, idle_seconds=release_idle_seconds,
-                                      inline_tokens=inline_tokens)
+                                      inline_tokens=inline_tokens, keep_requests_whole=keep_requests_whole)
 
     def stop(self) -> None:
         if self.batcher is not None:

@@ -215,6 +215,70 @@ def test_wide_batches_never_overlap_even_while_announced_requests_are_awaited() 
     assert runner.most == 1, f"wide batches overlapped (batch sizes {runner.sizes})"
 
 
+class FirstPassHeld:
+    """Records each pass's markers as it starts; the first pass waits at the gate."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started: list[list[int]] = []
+        self.running = 0
+        self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, items: list[TokenizedItem], tags: list[str], lone: bool = False) -> list[Any]:
+        with self.lock:
+            first = not self.started
+            self.started.append([entry.ids[0] for entry in items])
+            self.running += 1
+            self.most = max(self.most, self.running)
+        if first:
+            self.gate.wait(5)
+        with self.lock:
+            self.running -= 1
+        return [0] * len(items)
+
+
+def test_keeping_requests_whole_runs_a_big_request_in_one_pass() -> None:
+    """Two workers where only small batches may run beside another, keeping requests whole (CUDA): a big
+    request queued behind a running pass is neither sliced into small passes beside it nor split into
+    shares; it runs whole once the pass ends (on an H200, 20-pair reranks went as two-pair passes beside
+    each other's and as 8-pair shares, at 0.07x of the ceiling). A small request still runs beside."""
+    runner = FirstPassHeld()
+    batcher = DynamicBatcher("t", runner, max_batch_tokens=4096, max_batch_requests=None, workers=2,
+                             overlap_tokens=64, keep_requests_whole=True)
+
+    async def scenario() -> None:
+        first = batcher.submit([item(10, marker=1)])
+        while not runner.started:
+            await asyncio.sleep(0.005)
+        big = batcher.submit([item(10, marker=2) for _ in range(30)])
+        await asyncio.sleep(0.1)  # time enough for the idle worker to take slices, if it would
+        assert runner.started == [[1]], f"passes beside the held one: {runner.started[1:]}"
+        runner.gate.set()
+        await asyncio.gather(first.future, big.future)
+
+    asyncio.run(scenario())
+    assert runner.started == [[1], [2] * 30]
+
+    runner = FirstPassHeld()
+    batcher.stop()
+    batcher = DynamicBatcher("t", runner, max_batch_tokens=4096, max_batch_requests=None, workers=2,
+                             overlap_tokens=64, keep_requests_whole=True)
+
+    async def small_beside() -> None:
+        big = batcher.submit([item(10, marker=2) for _ in range(30)])
+        while not runner.started:
+            await asyncio.sleep(0.005)
+        small = batcher.submit([item(10, marker=3), item(12, marker=3)])  # 24 padded tokens: small
+        await small.future  # answered while the big pass is still held
+        runner.gate.set()
+        await big.future
+
+    asyncio.run(small_beside())
+    batcher.stop()
+    assert runner.started == [[2] * 30, [3, 3]] and runner.most == 2
+
+
 def test_target_tokens_bound_batches_while_more_is_queued() -> None:
     recorder = Recorder()
     batcher = DynamicBatcher("t", recorder, max_batch_tokens=10_000, max_batch_requests=None, target_tokens=100)
@@ -436,3 +500,16 @@ def test_a_failed_pass_on_the_loop_fails_its_request_and_serving_goes_on() -> No
     assert after == [25] and larger == [50]
     assert [batch[0] for batch in recorder.batches] == [9, 2, 3]
     assert recorder.threads[:2] == [LOOP_THREAD, LOOP_THREAD]
+
+
+def test_a_flat_cost_engine_gets_whole_requests_when_they_are_kept_whole() -> None:
+    """`loadtests.flat_engine`: closed-loop clients reranking 20 pairs each against an engine whose pass
+    costs the same at any size (a GPU). Kept whole, several requests share a pass; otherwise they are cut
+    into slices of two and shares of eight, and throughput falls with the pass count."""
+    from loadtests.flat_engine import drive
+
+    kept = drive(True, 8, 20, 117, seconds=0.5)
+    sliced = drive(False, 8, 20, 117, seconds=0.5)
+    assert kept.items_per_pass >= 20 and kept.passes_per_request <= 1, kept
+    assert sliced.items_per_pass < 8 and sliced.passes_per_request > 2, sliced
+    assert kept.items_per_s > 3 * sliced.items_per_s, (kept, sliced)

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import service
 from service.batching.policy import inline_pass_tokens, pass_token_budget
 from service.config import Settings
+from service.core.cache import ResultCache
 from service.core.embed import Limits
 from service.core.loading import load_configured
 from service.core.registry import ModelRegistry, batch_observer
@@ -317,6 +318,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
                             release_idle_seconds=settings.release_memory_idle_seconds,
                             inline_tokens=inline_pass_tokens(model.device, settings.inline_pass_tokens),
                             keep_requests_whole=model.device == "cuda")
+            if settings.result_cache_size and model.cache is None:
+                model.cache = ResultCache(settings.result_cache_size)
+                metrics.caches.add(model.name, model.cache)
 
     if registry is not None:
         start_batchers(registry)

@@ -20,6 +20,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--inline-pass-tokens", "inline_pass_tokens", int,
      "a lone request up to this many tokens runs on the event loop's thread (CPU 64, 0 never)"),
     ("--max-batch-requests", "max_batch_requests", int, "items per forward pass (default: token budget only)"),
+    ("--result-cache-size", "result_cache_size", int, "results of repeated inputs kept per model (default 0: off)"),
     ("--max-client-batch-size", "max_client_batch_size", int, "inputs per request (default 2048)"),
     ("--max-concurrent-requests", "max_concurrent_requests", int, "requests admitted at once (default 512)"),
     ("--max-input-characters", "max_input_characters", int, "longest input in characters"),

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from service.batching.batcher import BatchStats
 
@@ -31,6 +31,7 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self.requests = RequestMetrics(self.registry, _SECONDS)
+        self.caches = CacheMetrics(self.registry)
         self.batch_size = Histogram("embedrank_batch_size", "Items per forward pass", ["model"],
                                     buckets=_BATCH_SIZES, registry=self.registry)
         self.batch_tokens = Histogram("embedrank_batch_tokens", "Padded tokens per forward pass", ["model"],
@@ -109,6 +110,33 @@ class RequestMetrics:
             cumulative = itertools.accumulate(histogram[:-1])
             durations.add_metric(list(observed), list(zip(self._bounds, cumulative, strict=True)), histogram[-1])
         yield durations
+
+
+class CacheMetrics:
+    """`embedrank_cache_hits_total`, `embedrank_cache_misses_total` and `embedrank_cache_entries` per model,
+    read from each model's result cache (--result-cache-size) when Prometheus scrapes."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.caches: dict[str, Any] = {}  # served model name -> its ResultCache
+        registry.register(self)
+
+    def add(self, model: str, cache: Any) -> None:
+        self.caches[model] = cache
+
+    def collect(self) -> Iterator[Metric]:
+        if not self.caches:  # the cache is off: no families to show
+            return
+        hits = CounterMetricFamily("embedrank_cache_hits", "Inputs answered from the result cache", labels=["model"])
+        misses = CounterMetricFamily("embedrank_cache_misses", "Inputs looked up in the result cache and computed",
+                                     labels=["model"])
+        entries = GaugeMetricFamily("embedrank_cache_entries", "Results held in the result cache", labels=["model"])
+        for model, cache in list(self.caches.items()):
+            hits.add_metric([model], cache.hits)
+            misses.add_metric([model], cache.misses)
+            entries.add_metric([model], len(cache))
+        yield hits
+        yield misses
+        yield entries
 
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")

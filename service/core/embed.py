@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.batching.batcher import PendingRequest
+from service.core.cache import ResultCache
 from service.core.registry import TAG_POOLED, TAG_TOKENS, TAG_UNIT, ServedModel
 from service.engines.pooling import normalize as normalize_rows
 from service.engines.tokenizer import TextOrPair, TokenizedItem
@@ -236,11 +237,30 @@ async def process(model: ServedModel, inputs: Sequence[TextOrPair | list[int]], 
                   wait: WaitHook | None) -> tuple[list[Any], Usage, Timings]:
     """Admit, tokenize and run a request's inputs on the model's batcher; one result per input."""
     timings = Timings()
+    cache = model.cache if tag != TAG_TOKENS else None  # per-token states are too large to keep
     with Admission(model, limits) as ticket:
         items, usage = await tokenize(model, inputs, limits.auto_truncate if truncate is None else truncate,
                                       direction, executor, timings, limits.max_input_characters)
-        rows = await run(ticket, items, tag, timings, wait, limits.queue_timeout_seconds)
+        if cache is None:
+            rows = await run(ticket, items, tag, timings, wait, limits.queue_timeout_seconds)
+        else:
+            rows = await _run_remembered(cache, ticket, items, tag, timings, wait, limits.queue_timeout_seconds)
     return rows, usage, timings
+
+
+async def _run_remembered(cache: ResultCache, ticket: _Ticket, items: list[TokenizedItem], tag: str,
+                          timings: Timings, wait: WaitHook | None, queue_timeout: float | None) -> list[Any]:
+    """`run` for the inputs the cache does not hold; a request it holds whole never reaches the batcher."""
+    keys = [cache.key(item, tag) for item in items]
+    rows: list[Any] = [cache.get(key) for key in keys]
+    missing = [position for position, row in enumerate(rows) if row is None]
+    if missing:
+        computed = await run(ticket, items if len(missing) == len(items) else [items[p] for p in missing], tag,
+                             timings, wait, queue_timeout)
+        for position, row in zip(missing, computed, strict=True):
+            rows[position] = row
+            cache.put(keys[position], row)
+    return rows
 
 
 def _with_prompt(inputs: Sequence[Input], prompt: str) -> list[Input]:

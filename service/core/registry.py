@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from service.batching.batcher import BatchStats, DynamicBatcher
+from service.core.cache import ResultCache
 from service.core.manifest import Manifest
 from service.engines.bundle import BundleModel
 from service.engines.layout import ThreadLayout
@@ -37,6 +38,7 @@ class ServedModel:
     batcher: DynamicBatcher | None = None
     in_flight: int = 0
     layout: ThreadLayout | None = None  # how its engine was set up to use the CPU (None: not chosen here)
+    cache: ResultCache | None = None  # results remembered for repeated inputs (--result-cache-size)
 
     @property
     def manifest(self) -> Manifest:

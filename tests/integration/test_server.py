@@ -133,6 +133,20 @@ def _counter(url: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def test_result_cache_answers_repeats_without_a_forward_pass(minilm_bundle: Path, minilm_source: Path,
+                                                            work_dir: Path) -> None:
+    with running_server(["--model-id", str(minilm_bundle), "--result-cache-size", "64"],
+                        work_dir / "logs-cache") as running:
+        first = httpx.post(running.url + "/embed", json={"inputs": TEXTS}, timeout=30).json()
+        assert np.allclose(first, _st_vectors(minilm_source, TEXTS), atol=1e-4)
+        computed = _counter(running.url, "embedrank_batch_size_sum")
+        repeats = asyncio.run(_concurrent(running.url, TEXTS * 10))  # single-text requests, through the HTTP lane
+        assert _counter(running.url, "embedrank_batch_size_sum") == computed
+        assert repeats == [first[index % len(TEXTS)] for index in range(len(repeats))]
+        assert _counter(running.url, "embedrank_cache_hits_total") == len(repeats)
+        assert _counter(running.url, "embedrank_cache_misses_total") == len(TEXTS)
+
+
 def test_clients_that_leave_while_queued_have_their_items_dropped(server: RunningServer) -> None:
     """Eight clients send 16 long texts each behind a long request and close their connections: the
     server notices while they wait and never computes their texts."""

@@ -127,7 +127,7 @@ class CacheMetrics:
         if not self.caches:  # the cache is off: no families to show
             return
         hits = CounterMetricFamily("embedrank_cache_hits", "Inputs answered from the result cache", labels=["model"])
-        misses = CounterMetricFamily("embedrank_cache_misses", "Inputs looked up in the result cache and computed",
+        misses = CounterMetricFamily("embedrank_cache_misses", "Inputs looked up in the result cache and not found",
                                      labels=["model"])
         entries = GaugeMetricFamily("embedrank_cache_entries", "Results held in the result cache", labels=["model"])
         for model, cache in list(self.caches.items()):

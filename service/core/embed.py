@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
@@ -250,16 +250,22 @@ async def process(model: ServedModel, inputs: Sequence[TextOrPair | list[int]], 
 
 async def _run_remembered(cache: ResultCache, ticket: _Ticket, items: list[TokenizedItem], tag: str,
                           timings: Timings, wait: WaitHook | None, queue_timeout: float | None) -> list[Any]:
-    """`run` for the inputs the cache does not hold; a request it holds whole never reaches the batcher."""
+    """`run` for the inputs the cache does not hold, each once; a request it holds whole never reaches the
+    batcher."""
     keys = [cache.key(item, tag) for item in items]
     rows: list[Any] = [cache.get(key) for key in keys]
-    missing = [position for position, row in enumerate(rows) if row is None]
+    missing: dict[Hashable, list[int]] = {}  # each new input once, however often the request repeats it
+    for position, row in enumerate(rows):
+        if row is None:
+            missing.setdefault(keys[position], []).append(position)
     if missing:
-        computed = await run(ticket, items if len(missing) == len(items) else [items[p] for p in missing], tag,
+        first = [positions[0] for positions in missing.values()]
+        computed = await run(ticket, items if len(first) == len(items) else [items[p] for p in first], tag,
                              timings, wait, queue_timeout)
-        for position, row in zip(missing, computed, strict=True):
-            rows[position] = row
-            cache.put(keys[position], row)
+        for (key, positions), row in zip(missing.items(), computed, strict=True):
+            cache.put(key, row)
+            for position in positions:
+                rows[position] = row
     return rows
 
 

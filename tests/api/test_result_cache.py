@@ -56,6 +56,17 @@ def test_repeated_embeddings_come_from_the_cache(bge_style_bundle: Path) -> None
         assert _metric(client, "embedrank_cache_entries", "tiny-bge") == 4
 
 
+def test_an_input_repeated_in_one_request_is_computed_once(bge_style_bundle: Path) -> None:
+    with client_for([real_model(bge_style_bundle, "tiny-bge")], result_cache_size=100) as client:
+        start = _computed(client, "tiny-bge")
+        rows = client.post("/embed", json={"inputs": ["alpha", "beta", "alpha", "alpha", "beta"]}).json()
+        assert _computed(client, "tiny-bge") - start == 2
+        assert rows[0] == rows[2] == rows[3] and rows[1] == rows[4] and rows[0] != rows[1]
+        assert rows == client.post("/embed", json={"inputs": ["alpha", "beta", "alpha", "alpha", "beta"]}).json()
+        assert _computed(client, "tiny-bge") - start == 2
+        assert _metric(client, "embedrank_cache_entries", "tiny-bge") == 2
+
+
 def test_the_key_is_the_tokens_the_model_sees(bge_style_bundle: Path) -> None:
     long_text = " ".join(["word"] * 2000)  # beyond the model's max length: truncated
     with client_for([real_model(bge_style_bundle, "tiny-bge")], result_cache_size=100) as client:

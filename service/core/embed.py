@@ -120,6 +120,10 @@ async def tokenize(model: ServedModel, items: Sequence[TextOrPair | list[int]], 
         if isinstance(item, list):
             if not item:
                 raise ApiError(ErrorKind.EMPTY, "token id inputs cannot be empty")
+            vocabulary = model.bundle.tokenizer.vocabulary_size
+            if max(item) >= vocabulary:  # the model would fail on it, or quietly embed garbage
+                raise ApiError(ErrorKind.VALIDATION, f"token id {max(item)} is outside the vocabulary "
+                               f"(size {vocabulary})")
             ids = item
             if len(ids) > max_length:
                 if not truncate:

@@ -46,6 +46,17 @@ def test_token_id_inputs(client: TestClient, embed_model: ServedModel) -> None:
     assert np.allclose(by_ids, by_text, atol=1e-6) and len(by_list) == 2
 
 
+def test_token_ids_outside_the_vocabulary_are_refused(client: TestClient, embed_model: ServedModel) -> None:
+    size = embed_model.bundle.tokenizer.vocabulary_size
+    for ids in ([5, size], [5, 2**40], [[5, 6], [7, size + 100]]):
+        response = client.post("/embed", json={"inputs": ids})
+        assert response.status_code == 422, (ids, response.text)
+        assert response.json()["error_type"] == "Validation" and "outside the vocabulary" in response.json()["error"]
+        openai = client.post("/v1/embeddings", json={"input": ids})
+        assert openai.status_code == 422 and "outside the vocabulary" in openai.json()["error"]["message"]
+    assert client.post("/embed", json={"inputs": [5, size - 1]}).status_code == 200
+
+
 def test_texts_and_token_ids_mixed_in_one_request_keep_their_order(client: TestClient,
                                                                     embed_model: ServedModel) -> None:
     ids = embed_model.bundle.tokenizer.encode(["second text here"])[0].ids

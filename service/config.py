@@ -67,8 +67,8 @@ class Settings(BaseSettings):
         0, ge=0, description="Results remembered per model for inputs seen before (sentence embeddings, rerank and "
         "classification scores; not per-token states), least recently used first out. An input whose token ids "
         "(after prompt and truncation) match a remembered one is answered without a forward pass. Each entry "
-        "holds one row and its token ids: about 2 KB for a 384-dimension embedding of a short text. 0 (the "
-        "default) remembers nothing.")
+        "holds one row and its token ids: about 2 KB for a 384-dimension embedding of a short text, 4.4 KB for a "
+        "512-token one. 0 (the default) remembers nothing.")
     auto_truncate: bool = Field(
         True, description="Truncate inputs longer than the model's max length when the request does not say; "
         "false answers such inputs with 422 like TEI did before 1.9.")

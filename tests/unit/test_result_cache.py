@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -42,3 +44,17 @@ def test_errors_are_not_remembered_and_counts_add_up() -> None:
     assert (cache.hits, cache.misses) == (1, 2)
     with pytest.raises(ValueError):
         ResultCache(0)
+
+
+def test_keys_are_exact_and_compact() -> None:
+    def key(ids: list[int]) -> object:
+        return ResultCache.key(TokenizedItem(ids, [0] * len(ids), False), "unit")
+
+    distinct = [[1, 256], [256, 1], [1, 256, 0], [65536 + 1, 256], [250_001, 2], [2**31 + 5]]
+    assert len({key(ids) for ids in distinct}) == len(distinct)
+    assert key([250_001, 2]) == key([250_001, 2])
+    long_ids = list(range(30_000, 30_512))  # 512 tokens, none of them a cached small int
+    _tag, packed, type_ids = key(long_ids)  # type: ignore[misc]
+    assert sys.getsizeof(packed) + sys.getsizeof(type_ids) < 3_000
+    wide_types = TokenizedItem([5, 6], [0, 300], False)  # not from any tokenizer, but still a key of its own
+    assert ResultCache.key(wide_types, "unit") != ResultCache.key(TokenizedItem([5, 6], [0, 44], False), "unit")

@@ -8,9 +8,11 @@ or truncation setting produced them. Only used on the event loop's thread, so it
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections import OrderedDict
 from collections.abc import Hashable
+from typing import Any
 
 import numpy as np
 
@@ -20,13 +22,16 @@ from service.engines.tokenizer import TokenizedItem
 class ResultCache:
     """The `capacity` most recently used results, each a read-only copy of its row."""
 
-    __slots__ = ("_entries", "capacity", "hits", "misses")
+    __slots__ = ("_entries", "capacity", "computing", "hits", "misses")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("a result cache holds at least one entry")
         self.capacity = capacity
         self._entries: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        # Inputs some request is computing now (key -> the future of its row), so that another request wanting
+        # the same input waits for that row instead of computing it again.
+        self.computing: dict[Hashable, asyncio.Future[Any]] = {}
         self.hits = 0
         self.misses = 0
 

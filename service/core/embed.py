@@ -221,8 +221,9 @@ async def _within_deadline(pending: PendingRequest, timeout: float) -> None:
 async def run(ticket: _Ticket, items: list[TokenizedItem], tag: str, timings: Timings,
               wait: WaitHook | None, queue_timeout: float | None = None) -> list[Any]:
     assert ticket.model.batcher is not None
+    announced = not ticket.submitted  # a request's second submission (see _run_remembered) was never announced
     ticket.submitted = True
-    pending = ticket.model.batcher.submit(items, tag, announced=True)
+    pending = ticket.model.batcher.submit(items, tag, announced=announced)
     deadline = asyncio.ensure_future(_within_deadline(pending, queue_timeout)) if queue_timeout else None
     try:
         results = await (wait(pending) if wait is not None else pending.future)
@@ -254,23 +255,73 @@ async def process(model: ServedModel, inputs: Sequence[TextOrPair | list[int]], 
 
 async def _run_remembered(cache: ResultCache, ticket: _Ticket, items: list[TokenizedItem], tag: str,
                           timings: Timings, wait: WaitHook | None, queue_timeout: float | None) -> list[Any]:
-    """`run` for the inputs the cache does not hold, each once; a request it holds whole never reaches the
-    batcher."""
+    """`run` for the inputs the cache does not hold, each once: a request it holds whole never reaches the
+    batcher, and an input another request is computing right now is waited for instead of computed again."""
     keys = [cache.key(item, tag) for item in items]
     rows: list[Any] = [cache.get(key) for key in keys]
-    missing: dict[Hashable, list[int]] = {}  # each new input once, however often the request repeats it
+    own: dict[Hashable, list[int]] = {}  # each new input once, however often the request repeats it
+    shared: dict[Hashable, tuple[asyncio.Future[Any], list[int]]] = {}
     for position, row in enumerate(rows):
-        if row is None:
-            missing.setdefault(keys[position], []).append(position)
-    if missing:
-        first = [positions[0] for positions in missing.values()]
+        if row is not None:
+            continue
+        key = keys[position]
+        if key in own:
+            own[key].append(position)
+        elif key in shared:
+            shared[key][1].append(position)
+        elif (computing := cache.computing.get(key)) is not None:
+            shared[key] = (computing, [position])
+        else:
+            own[key] = [position]
+    if own:
+        await _compute(cache, ticket, items, own, rows, tag, timings, wait, queue_timeout)
+    if not shared:
+        return rows
+    if not ticket.submitted:  # nothing of its own to submit: the batcher must not wait for it
+        ticket.submitted = True
+        assert ticket.model.batcher is not None
+        ticket.model.batcher.withdraw()
+    again: dict[Hashable, list[int]] = {}
+    for key, (computing, positions) in shared.items():
+        try:
+            row = await asyncio.shield(computing)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not computing.cancelled() or (task is not None and task.cancelling()):
+                raise  # this request was cancelled, not the one computing the input
+            again[key] = positions  # that request failed or left: compute it here
+            continue
+        for position in positions:
+            rows[position] = row
+    if again:
+        await _compute(cache, ticket, items, again, rows, tag, timings, wait, queue_timeout)
+    return rows
+
+
+async def _compute(cache: ResultCache, ticket: _Ticket, items: list[TokenizedItem], wanted: dict[Hashable, list[int]],
+                   rows: list[Any], tag: str, timings: Timings, wait: WaitHook | None,
+                   queue_timeout: float | None) -> None:
+    """Run one item per key in `wanted`, remember each result and fill in every position that asked for it;
+    other requests wanting the same inputs meanwhile wait on `cache.computing`."""
+    loop = asyncio.get_running_loop()
+    futures: dict[Hashable, asyncio.Future[Any]] = {}
+    for key in wanted:
+        futures[key] = cache.computing[key] = loop.create_future()
+    try:
+        first = [positions[0] for positions in wanted.values()]
         computed = await run(ticket, items if len(first) == len(items) else [items[p] for p in first], tag,
                              timings, wait, queue_timeout)
-        for (key, positions), row in zip(missing.items(), computed, strict=True):
+        for (key, positions), row in zip(wanted.items(), computed, strict=True):
             cache.put(key, row)
+            futures[key].set_result(row)
             for position in positions:
                 rows[position] = row
-    return rows
+    finally:
+        for key, future in futures.items():
+            if cache.computing.get(key) is future:
+                del cache.computing[key]
+            if not future.done():
+                future.cancel()  # the requests waiting on it compute the input themselves
 
 
 def _with_prompt(inputs: Sequence[Input], prompt: str) -> list[Input]:

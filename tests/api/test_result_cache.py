@@ -3,13 +3,18 @@ without a forward pass, with the very numbers computed the first time."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
+import httpx
 import numpy as np
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import client_for
+from service.app import create_app
+from service.config import Settings
+from service.core.registry import ModelRegistry
+from tests.api.conftest import client_for, fake_model
 from tests.api.test_rerank_routes import DOCUMENTS, QUERY, real_model
 
 
@@ -119,3 +124,49 @@ def test_repeated_reranks_come_from_the_cache(cross_encoder_bundle: Path) -> Non
         assert {DOCUMENTS[::-1][item["index"]]: item["score"] for item in again} == scores
         client.post("/rerank", json={"query": QUERY + " today", "texts": DOCUMENTS})
         assert _computed(client, "tiny-reranker") - start == 2 * len(DOCUMENTS), "another query is another pair"
+
+
+def _slow_app(bundle: Path, delay: float):  # type: ignore[no-untyped-def]
+    """An app whose engine takes `delay` per pass (so requests overlap) and never runs a pass inline."""
+    model = fake_model(bundle, "tiny-bge", delay_seconds=delay)
+    return model, create_app(Settings(result_cache_size=100, inline_pass_tokens=0), ModelRegistry([model]))
+
+
+def test_an_input_being_computed_is_waited_for_not_computed_again(bge_style_bundle: Path) -> None:
+    model, app = _slow_app(bge_style_bundle, 0.2)
+
+    async def scenario() -> list[list[list[float]]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            responses = await asyncio.gather(*(client.post("/embed", json={"inputs": inputs}) for inputs in
+                                               (["alpha", "beta"], "alpha", "beta", ["beta", "alpha", "gamma"])))
+        assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
+        return [response.json() for response in responses]
+
+    answers = asyncio.run(scenario())
+    model.stop()
+    alpha, beta = answers[0]
+    assert answers[1] == [alpha] and answers[2] == [beta] and answers[3][:2] == [beta, alpha]
+    assert sum(model.bundle.engine.batch_sizes) == 3, model.bundle.engine.batch_sizes  # type: ignore[attr-defined]
+    assert model.cache is not None and model.cache.computing == {}
+
+
+def test_when_the_request_computing_an_input_leaves_another_computes_it(bge_style_bundle: Path) -> None:
+    model, app = _slow_app(bge_style_bundle, 0.3)
+
+    async def scenario() -> tuple[httpx.Response, list[float]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            owner = asyncio.create_task(client.post("/embed", json={"inputs": "alpha"}))
+            while not model.bundle.engine.batch_sizes:  # type: ignore[attr-defined]  # its pass has started
+                await asyncio.sleep(0.001)
+            waiter = asyncio.create_task(client.post("/embed", json={"inputs": ["alpha"]}))
+            await asyncio.sleep(0.05)  # the waiter is waiting on the owner's pass
+            owner.cancel()  # its client leaves while the pass runs
+            answer = await waiter
+            again = (await client.post("/embed", json={"inputs": "alpha"})).json()[0]
+        return answer, again
+
+    answer, again = asyncio.run(scenario())
+    model.stop()
+    assert answer.status_code == 200 and answer.json() == [again]
+    assert sum(model.bundle.engine.batch_sizes) == 2  # type: ignore[attr-defined]  # the owner's pass, and the waiter's
+    assert model.cache is not None and model.cache.computing == {}

@@ -146,6 +146,13 @@ def test_result_cache_answers_repeats_without_a_forward_pass(minilm_bundle: Path
         assert _counter(running.url, "embedrank_cache_hits_total") == len(repeats)
         assert _counter(running.url, "embedrank_cache_misses_total") == len(TEXTS)
 
+        # New texts, each sent by ten clients at once: each is computed once, the others wait for it.
+        fresh = [f"{text} Again." for text in TEXTS]
+        answers = asyncio.run(_concurrent(running.url, fresh * 10))
+        assert _counter(running.url, "embedrank_batch_size_sum") == computed + len(fresh)
+        assert np.allclose(answers[: len(fresh)], _st_vectors(minilm_source, fresh), atol=1e-4)
+        assert answers == answers[: len(fresh)] * 10
+
 
 def test_clients_that_leave_while_queued_have_their_items_dropped(server: RunningServer) -> None:
     """Eight clients send 16 long texts each behind a long request and close their connections: the

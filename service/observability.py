@@ -11,12 +11,15 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from service.batching.batcher import BatchStats
+
+if TYPE_CHECKING:
+    from service.core.cache import ResultCache
 
 _BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKENS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -117,10 +120,10 @@ class CacheMetrics:
     read from each model's result cache (--result-cache-size) when Prometheus scrapes."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.caches: dict[str, Any] = {}  # served model name -> its ResultCache
+        self.caches: dict[str, ResultCache] = {}  # served model name -> its cache
         registry.register(self)
 
-    def add(self, model: str, cache: Any) -> None:
+    def add(self, model: str, cache: ResultCache) -> None:
         self.caches[model] = cache
 
     def collect(self) -> Iterator[Metric]:

@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 from service.batching.batcher import PendingRequest
 from service.core.cache import ResultCache
 from service.core.registry import TAG_POOLED, TAG_TOKENS, TAG_UNIT, ServedModel
+from service.core.tokens import check_token_ids
 from service.engines.pooling import normalize as normalize_rows
 from service.engines.tokenizer import TextOrPair, TokenizedItem
 from service.errors import ApiError, ErrorKind
@@ -120,10 +121,7 @@ async def tokenize(model: ServedModel, items: Sequence[TextOrPair | list[int]], 
         if isinstance(item, list):
             if not item:
                 raise ApiError(ErrorKind.EMPTY, "token id inputs cannot be empty")
-            vocabulary = model.bundle.tokenizer.vocabulary_size
-            if max(item) >= vocabulary:  # the model would fail on it, or quietly embed garbage
-                raise ApiError(ErrorKind.VALIDATION, f"token id {max(item)} is outside the vocabulary "
-                               f"(size {vocabulary})")
+            check_token_ids(model, item)
             ids = item
             if len(ids) > max_length:
                 if not truncate:
@@ -192,11 +190,8 @@ class Admission:
         return self.ticket
 
     def __exit__(self, *exc_info: object) -> None:
-        model = self.ticket.model
-        model.in_flight -= 1
-        if not self.ticket.submitted:
-            assert model.batcher is not None
-            model.batcher.withdraw()
+        self.ticket.model.in_flight -= 1
+        self.ticket.withdraw()
 
 
 class _Ticket:
@@ -207,6 +202,13 @@ class _Ticket:
     def __init__(self, model: ServedModel) -> None:
         self.model = model
         self.submitted = False
+
+    def withdraw(self) -> None:
+        """Tell the batcher this request will submit nothing (more), unless it already has."""
+        if not self.submitted:
+            self.submitted = True
+            assert self.model.batcher is not None
+            self.model.batcher.withdraw()
 
 
 async def _within_deadline(pending: PendingRequest, timeout: float) -> None:
@@ -277,10 +279,7 @@ async def _run_remembered(cache: ResultCache, ticket: _Ticket, items: list[Token
         await _compute(cache, ticket, items, own, rows, tag, timings, wait, queue_timeout)
     if not shared:
         return rows
-    if not ticket.submitted:  # nothing of its own to submit: the batcher must not wait for it
-        ticket.submitted = True
-        assert ticket.model.batcher is not None
-        ticket.model.batcher.withdraw()
+    ticket.withdraw()  # nothing of its own to submit now: the batcher must not wait for it
     again: dict[Hashable, list[int]] = {}
     for key, (computing, positions) in shared.items():
         try:

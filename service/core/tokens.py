@@ -41,10 +41,14 @@ def tokens_of(model: ServedModel, texts: list[str], prompt: str, add_special_tok
 def decode(model: ServedModel, batches: list[list[int]], skip_special_tokens: bool) -> list[str]:
     if not batches or not any(batches):
         raise ApiError(ErrorKind.EMPTY, "`ids` cannot be empty", param="ids")
-    vocabulary = model.bundle.tokenizer.vocabulary_size
     for ids in batches:
-        for token_id in ids:
-            if token_id >= vocabulary:
-                raise ApiError(ErrorKind.VALIDATION, f"token id {token_id} is outside the vocabulary "
-                               f"(size {vocabulary})", param="ids")
+        check_token_ids(model, ids, param="ids")
     return model.bundle.tokenizer.decode(batches, skip_special_tokens)
+
+
+def check_token_ids(model: ServedModel, ids: list[int], param: str | None = None) -> None:
+    """Refuse ids the model's vocabulary lacks: the model would fail on them, or quietly compute garbage."""
+    vocabulary = model.bundle.tokenizer.vocabulary_size
+    if ids and max(ids) >= vocabulary:
+        raise ApiError(ErrorKind.VALIDATION, f"token id {max(ids)} is outside the vocabulary (size {vocabulary})",
+                       param=param)

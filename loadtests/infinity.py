@@ -14,8 +14,10 @@ after a 3-second warm-up. With `--reranker BUNDLE` (a bundle from `loadtests.mak
 then serves the cross-encoder and wrk drives the rerank scenario (8 clients x 1 query + 20 documents,
 three times as long as the others, as in `loadtests.run`) to Infinity's `POST /rerank`, which
 embedrank answers in Infinity's format; the Hugging Face directory Infinity's torch engine needs is
-built again from the same seed (`make_reranker.build_source`, which needs the export extra). One
-request of each kind is checked on each server before it is timed (200, 384 floats, 20 scores).
+built again from the same seed (`make_reranker.build_source`, which needs the export extra). Then
+each one serves both models in one process for the mixed scenario of `loadtests.run`: 16
+single-text embed clients and 4 rerank clients at once. One request of each kind is checked on each
+server before it is timed (200, 384 floats, 20 scores).
 Equivalent settings: batch size 32 on both; one process; CPU only; default threads. `--only TEXT`
 runs the scenarios whose name contains TEXT. Results: loadtests/results/infinity-*.{json,md}, and
 beside them the log of each Infinity server.
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +52,30 @@ CONFIGURATIONS = [("torch fp32", "torch", []),
                   ("ONNX int8", "optimum", [])]
 EMBEDDER, RERANKER = "minilm", "reranker"  # the names both servers serve the two models under
 RERANK_SCENARIO = "rerank 8 clients x (1 query + 20 docs of ~100 tokens)"
+# Infinity 0.0.78 lists a local model directory's files with the path it was given and asks optimum for
+# the ONNX file by that path, which optimum looks for relative to the directory: a model given by its
+# absolute path fails to load on the ONNX engine. This launcher, run with Infinity's own Python, lists
+# the files relative to the directory and then starts Infinity's CLI unchanged.
+LAUNCHER = """import sys
+from pathlib import Path
+
+from infinity_emb.transformer import utils_optimum
+
+listing = utils_optimum._list_all_repo_files
+
+
+def relative(**arguments):
+    root = Path(arguments["model_name_or_path"])
+    return [path.relative_to(root) if root.is_dir() and path.is_absolute() else path
+            for path in listing(**arguments)]
+
+
+utils_optimum._list_all_repo_files = relative
+from infinity_emb.cli import cli  # noqa: E402
+
+sys.argv[0] = "infinity_emb"
+sys.exit(cli())
+"""
 
 
 @dataclass(frozen=True)
@@ -61,6 +88,23 @@ class Load:
     route: str
     items: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """Loads that wrk drives at once against one server (the mixed scenario), each reported on its own."""
+
+    parts: tuple[Load, ...]
+
+
+@dataclass(frozen=True)
+class Served:
+    """One model as both servers get it: the name it is served under, embedrank's bundle, and the
+    directory Infinity loads (the Hugging Face files plus the bundle's graphs)."""
+
+    name: str
+    bundle: Path
+    infinity_dir: Path
 
 
 def install(venv: Path) -> Path:
@@ -85,17 +129,18 @@ def _rewrite(source: Path, target: Path, body: Any) -> Path:
     return target
 
 
+def _embed_bodies(directory: Path, texts: int, kind: str) -> Path:
+    source = scenarios._bodies(directory, texts, kind)
+    return _rewrite(source, directory / f"infinity-{source.name}", lambda request: {
+        "model": EMBEDDER, "input": request["inputs"] if isinstance(request["inputs"], list)
+        else [request["inputs"]]})
+
+
 def embed_loads(directory: Path, seconds: float) -> list[Load]:
     """The embedding scenarios of `loadtests.run`, their very texts, as Infinity's `POST /embeddings`."""
-    loads = []
-    for scenario in scenarios.SCENARIOS:
-        source = scenarios._bodies(directory, scenario.texts_per_request, scenario.kind)
-        bodies = _rewrite(source, directory / f"infinity-{source.name}", lambda request: {
-            "model": EMBEDDER, "input": request["inputs"] if isinstance(request["inputs"], list)
-            else [request["inputs"]]})
-        loads.append(Load(scenario.name, bodies, scenario.connections, "/embeddings", scenario.texts_per_request,
-                          seconds))
-    return loads
+    return [Load(scenario.name, _embed_bodies(directory, scenario.texts_per_request, scenario.kind),
+                 scenario.connections, "/embeddings", scenario.texts_per_request, seconds)
+            for scenario in scenarios.SCENARIOS]
 
 
 def rerank_load(directory: Path, seconds: float) -> Load:
@@ -104,6 +149,20 @@ def rerank_load(directory: Path, seconds: float) -> Load:
         "model": RERANKER, "query": request["query"], "documents": request["texts"], "return_documents": False})
     return Load(RERANK_SCENARIO, bodies, 8, "/rerank", scenarios.RERANK_DOCUMENTS,
                 seconds * scenarios.RERANK_WINDOW_FACTOR)
+
+
+def mixed_load(directory: Path, seconds: float) -> Mixed:
+    """The mixed scenario of `loadtests.run`: its single-text embed clients and its rerank clients at
+    once, with the bodies of the embed and rerank scenarios."""
+    return Mixed((
+        Load(scenarios.mixed_part("embed", scenarios.MIXED_EMBED_CLIENTS), _embed_bodies(directory, 1, "short"),
+             scenarios.MIXED_EMBED_CLIENTS, "/embeddings", 1, seconds),
+        Load(scenarios.mixed_part("rerank", scenarios.MIXED_RERANK_CLIENTS), rerank_load(directory, seconds).bodies,
+             scenarios.MIXED_RERANK_CLIENTS, "/rerank", scenarios.RERANK_DOCUMENTS, seconds)))
+
+
+def _parts(load: Load | Mixed) -> tuple[Load, ...]:
+    return load.parts if isinstance(load, Mixed) else (load,)
 
 
 def onnx_model_dir(model_dir: Path, bundle: Path, target: Path) -> Path:
@@ -120,16 +179,19 @@ def onnx_model_dir(model_dir: Path, bundle: Path, target: Path) -> Path:
     return target
 
 
-def start_infinity(python: Path, model_dir: Path, name: str, engine: str, flags: list[str],
+def start_infinity(python: Path, models: tuple[Served, ...], engine: str, flags: list[str],
                    log: Path) -> tuple[str, Any]:
+    """Infinity serving `models` in one process (one engine each; its options apply to every model)."""
     port = _free_port()
-    # Run from inside the model directory with --model-id ".": Infinity lists a local directory's ONNX files
-    # with the path it was given and optimum wants them relative to the directory.
-    command = [str(python.parent / "infinity_emb"), "v2", "--model-id", ".", "--served-model-name",
-               name, "--engine", engine, "--device", "cpu", "--batch-size", "32",
-               "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "", *flags]
+    launcher = python.parent.parent / "embedrank-launch-infinity.py"
+    launcher.write_text(LAUNCHER)
+    command = [str(python), str(launcher), "v2"]
+    for model in models:
+        command += ["--model-id", str(model.infinity_dir.resolve()), "--served-model-name", model.name]
+    command += ["--engine", engine, "--device", "cpu", "--batch-size", "32",
+                "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "", *flags]
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=model_dir,
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
                                         "DO_NOT_TRACK": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -159,23 +221,42 @@ def check_answer(url: str, load: Load) -> None:
         raise RuntimeError(f"{load.route} answered an unexpected body: {response.text[:300]}")
 
 
-def measure(url: str, pid: int, loads: list[Load]) -> dict[str, Any]:
-    """Each load in turn after a warm-up (the first requests of a new server compile kernels and grow
-    buffers): {scenario: wrk's figures with items_per_s}."""
+def _drive(url: str, pid: int, parts: tuple[Load, ...]) -> dict[str, Any]:
+    """wrk on every part at once: {part: wrk's figures with items_per_s}."""
     results: dict[str, Any] = {}
-    if not loads:
-        return results
-    for load in loads:
-        check_answer(url, load)
-    warm = loads[0] if loads[0].route == "/rerank" else next(
-        (load for load in loads if load.items == 32), loads[0])
-    run_wrk(url, warm.bodies, 8, 3, pid, path=warm.route)
-    for load in loads:
+
+    def one(load: Load) -> None:
         measured = run_wrk(url, load.bodies, load.connections, load.seconds, pid, path=load.route)
         measured["items_per_s"] = measured["requests"] * load.items / measured["seconds"]
         results[load.name] = measured
-        print(f"  {load.name:<55} {measured['items_per_s']:8.1f}/s  p50 {measured['p50_ms']:8.2f} ms  "
-              f"errors {measured['socket_errors'] + measured['non_2xx']}", flush=True)
+
+    threads = [threading.Thread(target=one, args=(load,)) for load in parts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    missing = [load.name for load in parts if load.name not in results]
+    if missing:
+        raise RuntimeError(f"wrk failed on {', '.join(missing)}")
+    return {load.name: results[load.name] for load in parts}
+
+
+def measure(url: str, pid: int, loads: list[Load | Mixed]) -> dict[str, Any]:
+    """Each load in turn after a warm-up (the first requests of a new server compile kernels and grow
+    buffers; 3 s on each route the loads use, with their largest requests): {scenario: wrk's figures
+    with items_per_s}."""
+    results: dict[str, Any] = {}
+    parts = [part for load in loads for part in _parts(load)]
+    for part in parts:
+        check_answer(url, part)
+    for route in dict.fromkeys(part.route for part in parts):
+        warm = max((part for part in parts if part.route == route), key=lambda part: part.items)
+        run_wrk(url, warm.bodies, 8, 3, pid, path=warm.route)
+    for load in loads:
+        for name, measured in _drive(url, pid, _parts(load)).items():
+            results[name] = measured
+            print(f"  {name:<55} {measured['items_per_s']:8.1f}/s  p50 {measured['p50_ms']:8.2f} ms  "
+                  f"errors {measured['socket_errors'] + measured['non_2xx']}", flush=True)
     return results
 
 
@@ -186,6 +267,8 @@ def _cell(results: dict[str, Any], scenario: str) -> str:
     if isinstance(entry, str):
         return "failed"
     errors = entry["socket_errors"] + entry["non_2xx"]
+    if not entry["requests"]:
+        return f"none answered in {entry['seconds']:.0f} s" + (f", {errors} errors" if errors else "")
     return f"{entry['items_per_s']:,.0f}/s, p50 {entry['p50_ms']:.1f} ms" + (f", {errors} errors" if errors else "")
 
 
@@ -232,45 +315,53 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        embed = [load for load in embed_loads(scratch, args.seconds) if args.only is None or args.only in load.name]
-        rerank = [rerank_load(scratch, args.seconds)] if args.reranker is not None else []
-        rerank = [load for load in rerank if args.only is None or args.only in load.name]
-        # (model name, embedrank bundle, Infinity's model directory, loads)
-        models: list[tuple[str, Path, Path, list[Load]]] = []
+        def wanted(load: Load | Mixed) -> bool:
+            return args.only is None or any(args.only in part.name for part in _parts(load))
+
+        embed = [load for load in embed_loads(scratch, args.seconds) if wanted(load)]
+        # Each group: the models one server serves, and the loads it runs.
+        groups: list[tuple[tuple[Served, ...], list[Load | Mixed]]] = []
+        embedder = Served(EMBEDDER, args.bundle,
+                          onnx_model_dir(args.model_dir, args.bundle, scratch / "infinity-model"))
         if embed:
-            models.append((EMBEDDER, args.bundle, onnx_model_dir(args.model_dir, args.bundle,
-                                                                 scratch / "infinity-model"), embed))
-        if rerank:
+            groups.append(((embedder,), list(embed)))
+        if args.reranker is not None:
             from loadtests.make_reranker import build_source
 
-            assert args.reranker is not None
             source = build_source(scratch / "reranker-source")
-            models.append((RERANKER, args.reranker, onnx_model_dir(source, args.reranker,
-                                                                   scratch / "infinity-reranker"), rerank))
-        if not models:
+            reranker = Served(RERANKER, args.reranker,
+                              onnx_model_dir(source, args.reranker, scratch / "infinity-reranker"))
+            with_reranker: list[tuple[tuple[Served, ...], list[Load | Mixed]]] = [
+                ((reranker,), [rerank_load(scratch, args.seconds)]),
+                ((embedder, reranker), [mixed_load(scratch, args.seconds)])]
+            groups += [(models, loads) for models, loads in with_reranker if all(map(wanted, loads))]
+        if not groups:
             raise SystemExit(f"no scenario has {args.only!r} in its name")
         report: dict[str, Any] = {"machine": f"{_cpu_name()}, {os.cpu_count()} cores", "seconds": args.seconds,
-                                  "scenarios": [load.name for _, _, _, loads in models for load in loads],
+                                  "scenarios": [part.name for _, loads in groups for load in loads
+                                                for part in _parts(load)],
                                   "servers": {}}
         python = install(args.venv or scratch / "infinity-venv")
-        for name, engine, flags in CONFIGURATIONS:
-            label = f"Infinity {name}"
+        for configuration, engine, flags in CONFIGURATIONS:
+            label = f"Infinity {configuration}"
             print(label, flush=True)
             results: dict[str, Any] = {}
-            for model, _, directory, loads in models:
+            for models, loads in groups:
+                names = [part.name for load in loads for part in _parts(load)]
                 try:
                     # kept beside the results: what Infinity logged (its ONNX optimization step, say) can be checked
-                    log = args.output / f"infinity-{stamp}-{name.replace(' ', '-')}-{model}.log"
-                    url, process = start_infinity(python, directory, model, engine, flags, log)
+                    log = args.output / (f"infinity-{stamp}-{configuration.replace(' ', '-')}-"
+                                         f"{'+'.join(model.name for model in models)}.log")
+                    url, process = start_infinity(python, models, engine, flags, log)
                 except RuntimeError as error:
                     print(f"  {error}", flush=True)
-                    results.update({load.name: f"failed: {str(error)[-500:]}" for load in loads})
+                    results.update({name: f"failed: {str(error)[-500:]}" for name in names})
                     continue
                 try:
                     results.update(measure(url, process.pid, loads))
                 except RuntimeError as error:  # a wrong answer: nothing of this server is timed
                     print(f"  {error}", flush=True)
-                    results.update({load.name: f"failed: {str(error)[-500:]}" for load in loads})
+                    results.update({name: f"failed: {str(error)[-500:]}" for name in names})
                 finally:
                     process.terminate()
                     process.wait(timeout=60)
@@ -279,8 +370,10 @@ def main() -> None:
             label = f"embedrank {dtype}"
             print(label, flush=True)
             report["servers"][label] = {}
-            for model, bundle, _, loads in models:
-                with serving(bundle, "--dtype", dtype, "--served-model-name", model) as (url, server):
+            for models, loads in groups:
+                arguments = [argument for model in models[1:] for argument in ("--model-id", str(model.bundle))]
+                arguments += [argument for model in models for argument in ("--served-model-name", model.name)]
+                with serving(models[0].bundle, *arguments, "--dtype", dtype) as (url, server):
                     report["servers"][label].update(measure(url, server.pid, loads))
     (args.output / f"infinity-{stamp}.json").write_text(json.dumps(report, indent=2))
     (args.output / f"infinity-{stamp}.md").write_text(markdown(report))

@@ -416,6 +416,14 @@ def run_embed(bundle: Path, dtype: str, scenarios: list[Scenario], seconds: floa
         report["servers"].append(footprint)
 
 
+MIXED_EMBED_CLIENTS, MIXED_RERANK_CLIENTS = 16, 4  # the mixed scenario: single-text embed and rerank clients
+
+
+def mixed_part(kind: str, clients: int) -> str:
+    """The name of one part of the mixed scenario."""
+    return f"mixed: {kind} part ({clients} clients, while the other part runs)"
+
+
 def run_mixed(bundle: Path, reranker: Path, dtype: str, seconds: float, report: dict[str, Any], embed_bodies: Path,
               scratch: Path, server_args: tuple[str, ...] = ()) -> None:
     """Embed and rerank at once on one server holding both models: 16 embed clients x 1 text and 4
@@ -424,16 +432,18 @@ def run_mixed(bundle: Path, reranker: Path, dtype: str, seconds: float, report: 
     with serving(bundle, "--model-id", str(reranker), "--dtype", dtype, *server_args) as (url, server):
         results: dict[str, dict[str, Any]] = {}
         threads = [threading.Thread(target=lambda: results.setdefault(
-                       "embed", run_wrk(url, embed_bodies, 16, seconds, server.pid))),
+                       "embed", run_wrk(url, embed_bodies, MIXED_EMBED_CLIENTS, seconds, server.pid))),
                    threading.Thread(target=lambda: results.setdefault(
-                       "rerank", run_wrk(url, rerank_bodies, 4, seconds, server.pid, path="/rerank")))]
+                       "rerank", run_wrk(url, rerank_bodies, MIXED_RERANK_CLIENTS, seconds, server.pid,
+                                         path="/rerank")))]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-    for kind, per_request, clients in (("embed", 1, 16), ("rerank", RERANK_DOCUMENTS, 4)):
+    for kind, per_request, clients in (("embed", 1, MIXED_EMBED_CLIENTS),
+                                       ("rerank", RERANK_DOCUMENTS, MIXED_RERANK_CLIENTS)):
         measured = results[kind]
-        entry = {"dtype": dtype, "scenario": f"mixed: {kind} part ({clients} clients, while the other part runs)",
+        entry = {"dtype": dtype, "scenario": mixed_part(kind, clients),
                  "texts_per_s": measured["requests"] * per_request / measured["seconds"], **measured,
                  "ceiling": {}, "mixed": True}
         report["results"].append(entry)

@@ -38,6 +38,14 @@ def test_the_bodies_are_the_load_tests_own(tmp_path: Path) -> None:
     for sent, own in zip(_lines(rerank.bodies), _lines(scenarios.rerank_bodies(tmp_path)), strict=True):
         assert sent == {"model": infinity.RERANKER, "query": own["query"], "documents": own["texts"],
                         "return_documents": False}
+    embed, rerank_part = infinity.mixed_load(tmp_path, 10.0).parts  # loadtests.run's mixed scenario, both parts
+    assert (embed.name, embed.connections, embed.route, embed.items, embed.seconds) == (
+        scenarios.mixed_part("embed", 16), 16, "/embeddings", 1, 10.0)
+    assert (rerank_part.name, rerank_part.connections, rerank_part.route, rerank_part.items, rerank_part.seconds) == (
+        scenarios.mixed_part("rerank", 4), 4, "/rerank", 20, 10.0)
+    single = next(load for load in loads if load.name == "32 clients x 1 text")
+    assert _lines(embed.bodies) == _lines(single.bodies)
+    assert _lines(rerank_part.bodies) == _lines(rerank.bodies)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +57,8 @@ def both(minilm_bundle: Path, cross_encoder_bundle: Path, work_dir: Path) -> Ite
 
 
 def test_embedrank_answers_every_scenario_in_infinitys_format(both: RunningServer, tmp_path: Path) -> None:
-    for load in [*infinity.embed_loads(tmp_path, 1.0), infinity.rerank_load(tmp_path, 1.0)]:
+    for load in [*infinity.embed_loads(tmp_path, 1.0), infinity.rerank_load(tmp_path, 1.0),
+                 *infinity.mixed_load(tmp_path, 1.0).parts]:
         infinity.check_answer(both.url, load)  # raises on anything but Infinity's answer
 
 
@@ -68,7 +77,8 @@ def test_a_wrong_answer_is_not_timed(both: RunningServer, tmp_path: Path) -> Non
 
 def test_the_table_puts_both_side_by_side() -> None:
     def figures(per_second: float) -> dict[str, float]:
-        return {"items_per_s": per_second, "p50_ms": 12.34, "socket_errors": 0, "non_2xx": 0}
+        return {"items_per_s": per_second, "p50_ms": 12.34, "socket_errors": 0, "non_2xx": 0,
+                "requests": per_second / 10, "seconds": 10.0}
 
     report = {"machine": "a CPU, 2 cores", "seconds": 10.0, "scenarios": ["32 clients x 1 text", "rerank"],
               "servers": {"Infinity ONNX fp32": {"32 clients x 1 text": figures(300.0), "rerank": "failed: boom"},
@@ -82,3 +92,8 @@ def test_the_table_puts_both_side_by_side() -> None:
     assert rows["rerank"].endswith("| failed | 100/s, p50 12.3 ms | 90/s, p50 12.3 ms | 210/s, p50 12.3 ms "
                                    "| - | 2.10x |")
     assert "rerank 30 s" in table
+    report["servers"]["Infinity ONNX int8"]["rerank"] = figures(0.0)  # not one request came back in the window
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in infinity.markdown(report).splitlines()
+            if line.startswith("| ")}
+    assert rows["rerank"].endswith("| failed | none answered in 10 s | 90/s, p50 12.3 ms | 210/s, p50 12.3 ms "
+                                   "| - | - |")

@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 import httpx
 
 from loadtests import run as scenarios
-from loadtests.run import _cpu_name, _free_port, _wait_ready, run_wrk, serving
+from loadtests.run import _cpu_name, _free_port, _wait_ready, run_wrk, run_wrk_at_once, serving
 
 HERE = Path(__file__).resolve().parent
 INFINITY = "infinity-emb[server,torch,optimum]==0.0.78"
@@ -223,22 +222,11 @@ def check_answer(url: str, load: Load) -> None:
 
 def _drive(url: str, pid: int, parts: tuple[Load, ...]) -> dict[str, Any]:
     """wrk on every part at once: {part: wrk's figures with items_per_s}."""
-    results: dict[str, Any] = {}
-
-    def one(load: Load) -> None:
-        measured = run_wrk(url, load.bodies, load.connections, load.seconds, pid, path=load.route)
-        measured["items_per_s"] = measured["requests"] * load.items / measured["seconds"]
-        results[load.name] = measured
-
-    threads = [threading.Thread(target=one, args=(load,)) for load in parts]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    missing = [load.name for load in parts if load.name not in results]
-    if missing:
-        raise RuntimeError(f"wrk failed on {', '.join(missing)}")
-    return {load.name: results[load.name] for load in parts}
+    results = run_wrk_at_once(url, pid, {load.name: (load.bodies, load.connections, load.seconds, load.route)
+                                         for load in parts})
+    for load in parts:
+        results[load.name]["items_per_s"] = results[load.name]["requests"] * load.items / results[load.name]["seconds"]
+    return results
 
 
 def measure(url: str, pid: int, loads: list[Load | Mixed]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,16 @@ def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid
     return result
 
 
+def run_wrk_at_once(url: str, server_pid: int,
+                    loads: dict[str, tuple[Path, int, float, str]]) -> dict[str, dict[str, Any]]:
+    """wrk on every load at once against one server: {name: run_wrk's figures}, for loads given as
+    {name: (bodies, connections, seconds, path)}. A wrk that fails fails the whole call."""
+    with ThreadPoolExecutor(len(loads)) as pool:
+        running = {name: pool.submit(run_wrk, url, bodies, connections, seconds, server_pid, path=path)
+                   for name, (bodies, connections, seconds, path) in loads.items()}
+        return {name: future.result() for name, future in running.items()}
+
+
 def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
         reranker: Path | None = None, server_args: tuple[str, ...] = (), only: str | None = None,
         rounds: int = 1, device: Device = "cpu", ceiling_rounds: int = CEILING_ROUNDS) -> dict[str, Any]:
@@ -430,16 +441,9 @@ def run_mixed(bundle: Path, reranker: Path, dtype: str, seconds: float, report: 
     rerank clients x 20 documents, each reported against its own ceiling."""
     rerank_bodies = scratch / "rerank.jsonl"
     with serving(bundle, "--model-id", str(reranker), "--dtype", dtype, *server_args) as (url, server):
-        results: dict[str, dict[str, Any]] = {}
-        threads = [threading.Thread(target=lambda: results.setdefault(
-                       "embed", run_wrk(url, embed_bodies, MIXED_EMBED_CLIENTS, seconds, server.pid))),
-                   threading.Thread(target=lambda: results.setdefault(
-                       "rerank", run_wrk(url, rerank_bodies, MIXED_RERANK_CLIENTS, seconds, server.pid,
-                                         path="/rerank")))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = run_wrk_at_once(url, server.pid, {
+            "embed": (embed_bodies, MIXED_EMBED_CLIENTS, seconds, "/embed"),
+            "rerank": (rerank_bodies, MIXED_RERANK_CLIENTS, seconds, "/rerank")})
     for kind, per_request, clients in (("embed", 1, MIXED_EMBED_CLIENTS),
                                        ("rerank", RERANK_DOCUMENTS, MIXED_RERANK_CLIENTS)):
         measured = results[kind]

@@ -112,6 +112,57 @@ def _layouts(device: Device) -> dict[str, tuple[SessionConfig, int]]:
     return layouts
 
 
+@dataclass
+class ThroughputConfiguration:
+    """One way a ceiling runs passes back to back: a batch (or batches cycled through) of `size` items in
+    one of `_layouts`' layouts (`workers` passes at once)."""
+
+    key: str  # e.g. "batch32_items_per_s_2_single_thread_passes"
+    kind: str  # "batch32" (short texts), "long" (256-token texts) or "rerank"
+    forward: Callable[[Any], Any]
+    batches: list[Any]
+    size: int
+    workers: int
+    # Tokens per item: the mean real length (short texts, pairs), or the padded width (long texts, which
+    # differ by a few tokens).
+    tokens_per_item: float
+
+    def measure(self, seconds: float) -> float:
+        """Items per second over `seconds`, after one untimed pass."""
+        self.forward(self.batches[0])
+        return throughput(self.forward, self.batches, self.size, self.workers, seconds)
+
+
+def throughput_configurations(bundle: Path, variant: str, device: Device, task: str) -> list[ThroughputConfiguration]:
+    """What a ceiling measures for throughput, layout by layout. `task` "embed": batches of 32 short texts
+    (the 32-text scenario's first requests) and 4 and 8 texts of ~256 tokens (a 1024-token pass, the
+    server's CPU target, holds four); "rerank": the rerank scenario's query with 10 documents (half a
+    request's, about what a 1024-token pass holds), 20 (one request's) and 32."""
+    configurations = []
+    pairs = [(SHORT_TEXTS[0], document) for document in rerank_documents(0) + rerank_documents(1)]
+    for label, (config, workers) in _layouts(device).items():
+        model = BundleModel(bundle, variant=variant, device=device, session_config=config)
+        tokenizer = model.tokenizer
+        if task == "rerank":
+            tokens = statistics.mean(len(item) for item in tokenizer.encode(pairs))
+            for size in (RERANK_DOCUMENTS // 2, RERANK_DOCUMENTS, 32):
+                batch = tokenizer.pad(tokenizer.encode(pairs[:size]))
+                configurations.append(ThroughputConfiguration(f"batch{size}_pairs_per_s_{label}", "rerank",
+                                                              model.forward_logits, [batch], size, workers, tokens))
+            continue
+        full = [tokenizer.encode([short_text(index, offset) for offset in range(32)])
+                for index in range(CEILING_BATCHES)]
+        configurations.append(ThroughputConfiguration(
+            f"batch32_items_per_s_{label}", "batch32", model.forward_pooled, [tokenizer.pad(items) for items in full],
+            32, workers, statistics.mean(len(item) for items in full for item in items)))
+        long_items = tokenizer.encode([long_text(LONG_WORDS, seed=index) for index in range(8)])
+        width = float(tokenizer.pad(long_items).input_ids.shape[1])
+        configurations += [ThroughputConfiguration(f"long{size}_items_per_s_{label}", "long", model.forward_pooled,
+                                                   [tokenizer.pad(long_items[:size])], size, workers, width)
+                           for size in (4, 8)]
+    return configurations
+
+
 def ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
             rounds: int = CEILING_ROUNDS) -> dict[str, float]:
     """Batch-1 latency and batch-32 throughput ONNX Runtime reaches in this process, each the best of
@@ -128,20 +179,12 @@ def ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
                      for label, config in single_configs.items()}
     tokenizer = next(iter(single_models.values())).tokenizer
     singles = [tokenizer.pad(tokenizer.encode([short_text(index)])) for index in range(CEILING_BATCHES * 8)]
-    layouts = _layouts(device)
-    layout_models = {label: BundleModel(bundle, variant=variant, device=device, session_config=config)
-                     for label, (config, _) in layouts.items()}
-    full = [tokenizer.pad(tokenizer.encode([short_text(index, offset) for offset in range(32)]))
-            for index in range(CEILING_BATCHES)]
-    long_items = tokenizer.encode([long_text(LONG_WORDS, seed=index) for index in range(8)])
-    long = tokenizer.pad(long_items)
-    # Batch 4 too: a 1024-token pass (the server's CPU target) holds four such texts.
-    long_half = tokenizer.pad(long_items[:4])
+    configurations = throughput_configurations(bundle, variant, device, "embed")
     for _ in range(rounds):
         for label, model in single_models.items():
             for single in singles[:10]:
                 model.forward_pooled(single)
-            samples = []
+            samples: list[float] = []
             deadline = time.perf_counter() + seconds / 2
             while time.perf_counter() < deadline:
                 single = singles[len(samples) % len(singles)]
@@ -150,20 +193,14 @@ def ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
                 samples.append(time.perf_counter() - start)
             key = f"batch1_p50_ms_{label}"
             result[key] = min(result.get(key, float("inf")), statistics.median(samples) * 1000)
-        for label, (_, workers) in layouts.items():
-            model = layout_models[label]
-            model.forward_pooled(full[0])
-            for key, batches, size in ((f"batch32_items_per_s_{label}", full, 32),
-                                       (f"long4_items_per_s_{label}", long_half, 4),
-                                       (f"long8_items_per_s_{label}", long, 8)):
-                model.forward_pooled(batches[0] if isinstance(batches, list) else batches)
-                result[key] = max(result.get(key, 0.0), throughput(model.forward_pooled, batches, size, workers,
-                                                                    seconds))
+        for configuration in configurations:
+            result[configuration.key] = max(result.get(configuration.key, 0.0), configuration.measure(seconds))
     result["batch1_p50_ms"] = min(result[f"batch1_p50_ms_{label}"] for label in single_configs)
-    result["batch32_items_per_s"] = max(result[f"batch32_items_per_s_{label}"] for label in layouts)
-    result["long_items_per_s"] = max(result[f"long{size}_items_per_s_{label}"] for label in layouts
-                                     for size in (4, 8))
-    result["long_tokens_per_text"] = float(long.input_ids.shape[1])
+    for kind in ("batch32", "long"):
+        result[f"{kind}_items_per_s"] = max(result[configuration.key] for configuration in configurations
+                                            if configuration.kind == kind)
+    result["long_tokens_per_text"] = float(next(configuration.tokens_per_item for configuration in configurations
+                                                if configuration.kind == "long"))
     return result
 
 
@@ -185,22 +222,13 @@ def rerank_ceiling(bundle: Path, variant: str, seconds: float, device: Device = 
     """Pairs per second ONNX Runtime scores in this process, batches of half a request's pairs (what a
     1024-token pass holds), one request's 20 or 32, in each layout of `_layouts`, each in `rounds`
     rounds: the best is the ceiling."""
-    layouts = _layouts(device)
-    pairs = [(SHORT_TEXTS[0], document) for document in rerank_documents(0) + rerank_documents(1)]
+    configurations = throughput_configurations(bundle, variant, device, "rerank")
     result: dict[str, float] = {}
-    models = {label: BundleModel(bundle, variant=variant, device=device, session_config=config)
-              for label, (config, _) in layouts.items()}
     for _ in range(rounds):
-        for label, (_, workers) in layouts.items():
-            model = models[label]
-            for size in (RERANK_DOCUMENTS // 2, RERANK_DOCUMENTS, 32):
-                batch = model.tokenizer.pad(model.tokenizer.encode(pairs[:size]))
-                model.forward_logits(batch)
-                key = f"batch{size}_pairs_per_s_{label}"
-                result[key] = max(result.get(key, 0.0), throughput(model.forward_logits, batch, size, workers,
-                                                                    seconds))
+        for configuration in configurations:
+            result[configuration.key] = max(result.get(configuration.key, 0.0), configuration.measure(seconds))
     result["pairs_per_s"] = max(result.values())
-    result["tokens_per_pair"] = statistics.mean(len(item) for item in model.tokenizer.encode(pairs))
+    result["tokens_per_pair"] = statistics.mean(configuration.tokens_per_item for configuration in configurations)
     return result
 
 

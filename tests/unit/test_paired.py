@@ -1,0 +1,68 @@
+"""The load tests' throughput ceilings and `loadtests.paired`, which measures a ceiling between the
+server's wrk runs: the configurations each ceiling tries on real (tiny) bundles, the choice among them,
+the loads, and the arithmetic of the alternated windows. The wrk runs themselves are benchmarks, not
+suite tests (wrk is not a test dependency)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loadtests import paired
+from loadtests import run as scenarios
+
+
+def test_rerank_ceiling_tries_every_batch_in_every_layout(cross_encoder_bundle: Path) -> None:
+    result = scenarios.rerank_ceiling(cross_encoder_bundle, "float32", 0.02, rounds=1)
+    keys = {f"batch{size}_pairs_per_s_{label}" for label in scenarios._layouts("cpu") for size in (10, 20, 32)}
+    assert keys <= set(result)
+    assert result["pairs_per_s"] == max(result[key] for key in keys) > 0
+    assert result["tokens_per_pair"] > 20  # a short query and a ~100-word document, truncated to the tiny model's limit
+
+
+def test_embedding_ceiling_takes_the_best_of_each_kind(bge_style_bundle: Path) -> None:
+    result = scenarios.ceiling(bge_style_bundle, "float32", 0.05, rounds=1)
+    labels = list(scenarios._layouts("cpu"))
+    assert result["batch32_items_per_s"] == max(result[f"batch32_items_per_s_{label}"] for label in labels) > 0
+    assert result["long_items_per_s"] == max(result[f"long{size}_items_per_s_{label}"]
+                                             for label in labels for size in (4, 8)) > 0
+    assert result["long_items_per_s"] < result["batch32_items_per_s"]
+    assert result["batch1_p50_ms"] > 0 and result["long_tokens_per_text"] > 50
+
+
+def test_the_paired_ceiling_is_the_configuration_that_measured_best(cross_encoder_bundle: Path) -> None:
+    configurations = scenarios.throughput_configurations(cross_encoder_bundle, "float32", "cpu", "rerank")
+    assert {configuration.kind for configuration in configurations} == {"rerank"}
+    assert len(configurations) == 3 * len(scenarios._layouts("cpu"))
+    chosen, best = paired.choose(configurations, 0.02, rounds=2)
+    assert set(best) == {configuration.key for configuration in configurations}
+    assert best[chosen.key] == max(best.values()) > 0
+    # Each configuration scores the batch it names.
+    assert {configuration.batches[0].input_ids.shape[0] for configuration in configurations} == {10, 20, 32}
+
+
+def test_each_load_is_the_scenarios_own(tmp_path: Path) -> None:
+    rerank = paired.load_for("rerank", tmp_path)
+    assert (rerank.kind, rerank.connections, rerank.route, rerank.items_per_request, rerank.window_factor) == (
+        "rerank", 8, "/rerank", scenarios.RERANK_DOCUMENTS, scenarios.RERANK_WINDOW_FACTOR)
+    (tmp_path / "run").mkdir()
+    assert rerank.bodies.read_text() == scenarios.rerank_bodies(tmp_path / "run").read_text()
+    short = paired.load_for("8 clients x 32 texts", tmp_path)
+    assert (short.kind, short.connections, short.route, short.items_per_request, short.window_factor) == (
+        "batch32", 8, "/embed", 32, 1)
+    assert paired.load_for("8 clients x 1 long text (~256 tokens)", tmp_path).kind == "long"
+    with pytest.raises(SystemExit, match=r"no throughput ceiling for scenario '1 client x 1 text'.*'rerank'"):
+        paired.load_for("1 client x 1 text", tmp_path)
+
+
+def test_alternated_windows_give_ratios_of_the_same_minutes() -> None:
+    summary = paired.summarize([100.0, 200.0, 160.0], [90.0, 150.0, 160.0], target=0.9)
+    assert summary["ratio_of_means"] == pytest.approx(400 / 460)
+    assert summary["round_ratios"] == pytest.approx([0.9, 0.75, 1.0])
+    assert summary["round_ratio_median"] == pytest.approx(0.9)
+    assert summary["round_ratio_range"] == pytest.approx([0.75, 1.0])
+    assert summary["rounds_at_target"] == 2
+    assert summary["ratio_to_best_ceiling_window"] == pytest.approx((400 / 3) / 200)
+    with pytest.raises(ValueError):
+        paired.summarize([100.0], [90.0, 80.0], target=0.9)

@@ -19,7 +19,8 @@ the server reached `--target`; and the server's mean over the best ceiling windo
 the requests answered inside the window, as `loadtests.run` does; the items it scored in the window
 (from its own counters, so work on requests still in flight at the end counts too) are printed beside
 it. Scenarios: those of `loadtests.run` held to a throughput ceiling (8, 32 and 128 single-text
-clients, 8 clients x 32 texts, long texts) or `rerank` (with a cross-encoder as `--bundle`).
+clients, 8 clients x 32 texts, long texts) or `rerank` (with a cross-encoder as `--bundle`). `--device
+cuda` runs both on the CUDA provider (the ceiling then tries one pass at a time and two at once).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import run as scenarios
+from service.engines.ort_engine import Device, cuda_available
 
 
 @dataclass(frozen=True)
@@ -91,19 +93,19 @@ def summarize(ceiling: list[float], server: list[float], target: float) -> dict[
 
 
 def paired(bundle: Path, dtype: str, scenario: str, rounds: int, seconds: float, ceiling_rounds: int,
-           target: float, server_args: tuple[str, ...] = ()) -> dict[str, Any]:
+           target: float, server_args: tuple[str, ...] = (), device: Device = "cpu") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         load = load_for(scenario, Path(scratch))
         window = seconds * load.window_factor
         task = "rerank" if load.kind == "rerank" else "embed"
-        candidates = [configuration for configuration in scenarios.throughput_configurations(bundle, dtype, "cpu", task)
-                      if configuration.kind == load.kind]
+        every = scenarios.throughput_configurations(bundle, dtype, device, task)
+        candidates = [configuration for configuration in every if configuration.kind == load.kind]
         configuration, choice = choose(candidates, max(2.0, seconds / 3), ceiling_rounds)
         print(f"ceiling: {configuration.key} ({choice[configuration.key]:.1f}/s at its best while choosing)",
               flush=True)
         ceiling: list[float] = []
         served: list[dict[str, Any]] = []
-        with scenarios.serving(bundle, "--dtype", dtype, *server_args) as (url, server):
+        with scenarios.serving(bundle, "--device", device, "--dtype", dtype, *server_args) as (url, server):
             scenarios.run_wrk(url, load.bodies, load.connections, 3.0, server.pid, path=load.route)  # warm-up
             for round_number in range(rounds):
                 for side in (("ceiling", "server") if round_number % 2 == 0 else ("server", "ceiling")):
@@ -124,8 +126,10 @@ def paired(bundle: Path, dtype: str, scenario: str, rounds: int, seconds: float,
                           f"{entry['scored_items_per_s']:8.1f}/s scored, p50 {entry['p50_ms']:.1f} ms, "
                           f"errors {entry['errors']}", flush=True)
     summary = summarize(ceiling, [entry["items_per_s"] for entry in served], target)
-    return {"machine": {"cpu": scenarios._cpu_name(), "cores": len(os.sched_getaffinity(0))},
-            "bundle": str(bundle), "dtype": dtype, "scenario": scenario, "window_seconds": window,
+    machine = {"cpu": scenarios._cpu_name(), "cores": len(os.sched_getaffinity(0)),
+               "gpu": scenarios._gpu_name() if device == "cuda" else None}
+    return {"machine": machine,
+            "device": device, "bundle": str(bundle), "dtype": dtype, "scenario": scenario, "window_seconds": window,
             "server_args": list(server_args), "ceiling_configuration": configuration.key,
             "ceiling_choice": choice, "ceiling_windows": ceiling, "server_windows": served, **summary}
 
@@ -135,6 +139,8 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=Path("models/all-MiniLM-L6-v2"),
                         help="the bundle served and measured (a cross-encoder for the rerank scenario)")
     parser.add_argument("--dtype", default="int8")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="the execution provider of both the ceiling and the server")
     parser.add_argument("--scenario", default="32 clients x 1 text",
                         help="a scenario name of loadtests.run, or 'rerank'")
     parser.add_argument("--rounds", type=int, default=6, help="rounds of one ceiling window and one server window")
@@ -148,10 +154,12 @@ def main() -> None:
     options = parser.parse_args()
     if options.rounds < 1 or options.ceiling_rounds < 1:
         raise SystemExit("--rounds and --ceiling-rounds must be at least 1")
+    if options.device == "cuda" and not cuda_available():
+        raise SystemExit("--device cuda needs onnxruntime-gpu and an NVIDIA GPU (pip install -e '.[gpu]')")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     report = paired(options.bundle, options.dtype, options.scenario, options.rounds, options.seconds,
-                    options.ceiling_rounds, options.target, tuple(options.server_args))
+                    options.ceiling_rounds, options.target, tuple(options.server_args), options.device)
     low, high = report["round_ratio_range"]
     print(f"{options.dtype} {options.scenario}: ceiling {report['ceiling_mean']:.1f}/s, server "
           f"{report['server_mean']:.1f}/s on average: {report['ratio_of_means']:.3f}x in the same minutes; per round "

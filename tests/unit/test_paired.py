@@ -66,3 +66,13 @@ def test_alternated_windows_give_ratios_of_the_same_minutes() -> None:
     assert summary["ratio_to_best_ceiling_window"] == pytest.approx((400 / 3) / 200)
     with pytest.raises(ValueError):
         paired.summarize([100.0], [90.0, 80.0], target=0.9)
+
+
+def test_cuda_without_a_gpu_is_refused_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.engines.ort_engine import cuda_available
+
+    if cuda_available():
+        pytest.skip("a CUDA GPU is usable here")
+    monkeypatch.setattr("sys.argv", ["paired", "--scenario", "rerank", "--device", "cuda"])
+    with pytest.raises(SystemExit, match="--device cuda needs onnxruntime-gpu and an NVIDIA GPU"):
+        paired.main()

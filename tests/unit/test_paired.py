@@ -1,7 +1,7 @@
-"""The load tests' throughput ceilings and `loadtests.paired`, which measures a ceiling between the
+"""The load tests' throughput ceilings, `loadtests.paired`, which measures a ceiling between the
 server's wrk runs: the configurations each ceiling tries on real (tiny) bundles, the choice among them,
-the loads, and the arithmetic of the alternated windows. The wrk runs themselves are benchmarks, not
-suite tests (wrk is not a test dependency)."""
+the loads, the arithmetic of the alternated windows, and `loadtests.padding`'s batches. The wrk runs
+themselves are benchmarks, not suite tests (wrk is not a test dependency)."""
 
 from __future__ import annotations
 
@@ -76,3 +76,26 @@ def test_cuda_without_a_gpu_is_refused_before_anything_runs(monkeypatch: pytest.
     monkeypatch.setattr("sys.argv", ["paired", "--scenario", "rerank", "--device", "cuda"])
     with pytest.raises(SystemExit, match="--device cuda needs onnxruntime-gpu and an NVIDIA GPU"):
         paired.main()
+
+
+def test_the_padding_tool_compares_the_ceilings_batches_with_the_same_texts_sorted(bge_style_bundle: Path) -> None:
+    from loadtests import padding
+    from service.engines.bundle import BundleModel
+
+    tokenizer = BundleModel(bge_style_bundle, variant="float32").tokenizer
+    chosen = padding.arrangements(tokenizer)
+    as_sent, size, waste = chosen["as sent, 32"]
+    assert size == 32 and len(as_sent) == scenarios.CEILING_BATCHES
+    texts = sorted(row[:int(mask.sum())].tolist() for batch in as_sent
+                   for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True))
+    for name in ("sorted by length, 32", "sorted by length, 64"):
+        batches, size, sorted_waste = chosen[name]
+        assert all(batch.input_ids.shape[0] == size for batch in batches)
+        assert sorted(row[:int(mask.sum())].tolist() for batch in batches
+                      for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)) == texts
+        assert 0 <= sorted_waste < waste
+    real = sum(len(text) for text in texts)
+    assert waste == pytest.approx(1 - real / sum(batch.input_ids.size for batch in as_sent))
+    measured = padding.measure(bge_style_bundle, "float32", rounds=1, seconds=0.02)
+    assert measured["as sent, 32"]["against_as_sent"] == pytest.approx(1.0)
+    assert all(figures["mean"] > 0 for figures in measured.values())

@@ -33,17 +33,6 @@ def _pass_counters(url: str) -> tuple[float, ...]:
     return scenarios.metric_totals(url, "embedrank_batch_size_sum", "embedrank_batch_size_count")
 
 
-def _bodies(scenario: str, scratch: Path) -> tuple[Path, int, str]:
-    """(bodies file, connections, route) for a scenario of `loadtests.run`, the rerank one included."""
-    if "rerank" in scenario:
-        return scenarios.rerank_bodies(scratch), 8, "/rerank"
-    chosen = next((candidate for candidate in scenarios.SCENARIOS if candidate.name == scenario), None)
-    if chosen is None:
-        names = ", ".join(repr(candidate.name) for candidate in scenarios.SCENARIOS)
-        raise SystemExit(f"unknown scenario {scenario!r}: one of {names} or 'rerank'")
-    return scenarios._bodies(scratch, chosen.texts_per_request, chosen.kind), chosen.connections, "/embed"
-
-
 def measure(url: str, pid: int, bodies: Path, connections: int, route: str, seconds: float) -> dict[str, Any]:
     items_before, passes_before = _pass_counters(url)
     result = scenarios.run_wrk(url, bodies, connections, seconds, pid, path=route)
@@ -61,7 +50,8 @@ def interleave(baseline: Path, candidate: Path, bundle: Path, scenario: str, run
     versions = {"baseline": baseline.resolve(), "candidate": candidate.resolve()}
     measured: dict[str, list[dict[str, Any]]] = {name: [] for name in versions}
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
-        bodies, connections, route = _bodies(scenario, Path(scratch))
+        load = scenarios.scenario_load(scenario, Path(scratch))
+        bodies, connections, route = load.bodies, load.connections, load.route
         servers = {name: stack.enter_context(scenarios.serving(bundle, *server_args, checkout=checkout))
                    for name, checkout in versions.items()}
         for url, server in servers.values():

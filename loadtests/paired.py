@@ -31,39 +31,22 @@ import os
 import shutil
 import statistics
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loadtests import run as scenarios
 from service.engines.ort_engine import Device, cuda_available
 
-
-@dataclass(frozen=True)
-class Load:
-    """What the server is driven with: wrk's bodies, connections, route, items per request, and the
-    ceiling kind it is held to ("batch32", "long" or "rerank")."""
-
-    kind: str
-    bodies: Path
-    connections: int
-    route: str
-    items_per_request: int
-    window_factor: int  # the rerank load runs `RERANK_WINDOW_FACTOR` times as long (see loadtests.run)
+THROUGHPUT_CEILINGS = ("batch32", "long", "rerank")
 
 
-def load_for(scenario: str, scratch: Path) -> Load:
+def load_for(scenario: str, scratch: Path) -> scenarios.Load:
     """The load of a scenario of `loadtests.run` that has a throughput ceiling, or of `rerank`."""
-    if scenario == "rerank":
-        return Load("rerank", scenarios.rerank_bodies(scratch), 8, "/rerank", scenarios.RERANK_DOCUMENTS,
-                    scenarios.RERANK_WINDOW_FACTOR)
-    held = [candidate for candidate in scenarios.SCENARIOS if candidate.ceiling in ("batch32", "long")]
-    chosen = next((candidate for candidate in held if candidate.name == scenario), None)
-    if chosen is None:
-        names = ", ".join(repr(candidate.name) for candidate in held)
+    held = [candidate.name for candidate in scenarios.SCENARIOS if candidate.ceiling in THROUGHPUT_CEILINGS]
+    if scenario != "rerank" and scenario not in held:
+        names = ", ".join(repr(name) for name in held)
         raise SystemExit(f"no throughput ceiling for scenario {scenario!r}: one of {names} or 'rerank'")
-    bodies = scenarios._bodies(scratch, chosen.texts_per_request, chosen.kind)
-    return Load(chosen.ceiling, bodies, chosen.connections, "/embed", chosen.texts_per_request, 1)
+    return scenarios.scenario_load(scenario, scratch)
 
 
 def choose(configurations: list[scenarios.ThroughputConfiguration], seconds: float,
@@ -97,9 +80,9 @@ def paired(bundle: Path, dtype: str, scenario: str, rounds: int, seconds: float,
     with tempfile.TemporaryDirectory() as scratch:
         load = load_for(scenario, Path(scratch))
         window = seconds * load.window_factor
-        task = "rerank" if load.kind == "rerank" else "embed"
+        task = "rerank" if load.ceiling == "rerank" else "embed"
         every = scenarios.throughput_configurations(bundle, dtype, device, task)
-        candidates = [configuration for configuration in every if configuration.kind == load.kind]
+        candidates = [configuration for configuration in every if configuration.kind == load.ceiling]
         configuration, choice = choose(candidates, max(2.0, seconds / 3), ceiling_rounds)
         print(f"ceiling: {configuration.key} ({choice[configuration.key]:.1f}/s at its best while choosing)",
               flush=True)

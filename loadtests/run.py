@@ -77,10 +77,9 @@ def short_text(index: int, offset: int = 0) -> str:
     return f"{SHORT_TEXTS[(index + offset) % len(SHORT_TEXTS)]} {index}-{offset}"
 
 
-def throughput(forward: Callable[[Any], Any], batch: Any, size: int, workers: int, seconds: float) -> float:
-    """Items per second when `workers` threads run `forward` back to back for `seconds`, on `batch` or
-    on each batch of a list in turn."""
-    batches = batch if isinstance(batch, list) else [batch]
+def throughput(forward: Callable[[Any], Any], batches: list[Any], size: int, workers: int, seconds: float) -> float:
+    """Items per second when `workers` threads run `forward` back to back for `seconds`, on each of
+    `batches` in turn."""
     done = [0]
     stop = time.perf_counter() + seconds
 
@@ -114,8 +113,8 @@ def _layouts(device: Device) -> dict[str, tuple[SessionConfig, int]]:
 
 @dataclass
 class ThroughputConfiguration:
-    """One way a ceiling runs passes back to back: a batch (or batches cycled through) of `size` items in
-    one of `_layouts`' layouts (`workers` passes at once)."""
+    """One way a ceiling runs passes back to back: batches of `size` items, cycled through, in one of
+    `_layouts`' layouts (`workers` passes at once)."""
 
     key: str  # e.g. "batch32_items_per_s_2_single_thread_passes"
     kind: str  # "batch32" (short texts), "long" (256-token texts) or "rerank"
@@ -205,6 +204,7 @@ def ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
 
 
 RERANK_DOCUMENTS = 20
+RERANK_CLIENTS = 8
 # The rerank load runs this many times longer than the other scenarios. Eight clients keep 160 pairs
 # (about 1.1 s of work) in flight, and wrk counts only the requests that finish inside its window, so
 # the work spent on requests still in flight when it stops is lost: 2-3% of a 10 s window, about 1% of
@@ -228,7 +228,7 @@ def rerank_ceiling(bundle: Path, variant: str, seconds: float, device: Device = 
         for configuration in configurations:
             result[configuration.key] = max(result.get(configuration.key, 0.0), configuration.measure(seconds))
     result["pairs_per_s"] = max(result.values())
-    result["tokens_per_pair"] = statistics.mean(configuration.tokens_per_item for configuration in configurations)
+    result["tokens_per_pair"] = configurations[0].tokens_per_item
     return result
 
 
@@ -242,13 +242,41 @@ def rerank_bodies(scratch: Path) -> Path:
     return bodies
 
 
+@dataclass(frozen=True)
+class Load:
+    """How wrk drives one scenario: its bodies, connections, route and items per request; `ceiling` is the
+    scenario's ceiling kind ("batch1", "batch32", "long", "mixed" or "rerank") and `window_factor` how many
+    times `--seconds` it runs (the rerank scenario: `RERANK_WINDOW_FACTOR`)."""
+
+    ceiling: str
+    bodies: Path
+    connections: int
+    route: str
+    items_per_request: int
+    window_factor: int
+
+
+def scenario_load(name: str, scratch: Path) -> Load:
+    """The load of a scenario named as in `SCENARIOS`, or of `rerank`; bodies are written to `scratch`."""
+    if name == "rerank":
+        return Load("rerank", rerank_bodies(scratch), RERANK_CLIENTS, "/rerank", RERANK_DOCUMENTS,
+                    RERANK_WINDOW_FACTOR)
+    chosen = next((scenario for scenario in SCENARIOS if scenario.name == name), None)
+    if chosen is None:
+        names = ", ".join(repr(scenario.name) for scenario in SCENARIOS)
+        raise SystemExit(f"unknown scenario {name!r}: one of {names} or 'rerank'")
+    return Load(chosen.ceiling, _bodies(scratch, chosen.texts_per_request, chosen.kind), chosen.connections,
+                "/embed", chosen.texts_per_request, 1)
+
+
 def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str, Any], scratch: Path,
                server_args: tuple[str, ...] = (), device: Device = "cpu", rounds: int = CEILING_ROUNDS) -> None:
     bodies = rerank_bodies(scratch)
     for dtype in dtypes:
         base = rerank_ceiling(bundle, dtype, max(2.0, seconds / 3), device, rounds)
         with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
-            measured = run_wrk(url, bodies, 8, seconds * RERANK_WINDOW_FACTOR, server.pid, path="/rerank")
+            measured = run_wrk(url, bodies, RERANK_CLIENTS, seconds * RERANK_WINDOW_FACTOR, server.pid,
+                               path="/rerank")
         pairs_per_second = measured["requests"] * RERANK_DOCUMENTS / measured["seconds"]
         entry = {"dtype": dtype, "scenario": "rerank 8 clients x (1 query + 20 docs of ~100 tokens)",
                  "texts_per_s": pairs_per_second, **measured, "ceiling": base, "rerank": True,

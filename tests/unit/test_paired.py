@@ -5,6 +5,7 @@ themselves are benchmarks, not suite tests (wrk is not a test dependency)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,16 +45,21 @@ def test_the_paired_ceiling_is_the_configuration_that_measured_best(cross_encode
 
 def test_each_load_is_the_scenarios_own(tmp_path: Path) -> None:
     rerank = paired.load_for("rerank", tmp_path)
-    assert (rerank.kind, rerank.connections, rerank.route, rerank.items_per_request, rerank.window_factor) == (
+    assert (rerank.ceiling, rerank.connections, rerank.route, rerank.items_per_request, rerank.window_factor) == (
         "rerank", 8, "/rerank", scenarios.RERANK_DOCUMENTS, scenarios.RERANK_WINDOW_FACTOR)
     (tmp_path / "run").mkdir()
     assert rerank.bodies.read_text() == scenarios.rerank_bodies(tmp_path / "run").read_text()
     short = paired.load_for("8 clients x 32 texts", tmp_path)
-    assert (short.kind, short.connections, short.route, short.items_per_request, short.window_factor) == (
+    assert (short.ceiling, short.connections, short.route, short.items_per_request, short.window_factor) == (
         "batch32", 8, "/embed", 32, 1)
-    assert paired.load_for("8 clients x 1 long text (~256 tokens)", tmp_path).kind == "long"
+    assert [len(json.loads(line)["inputs"]) for line in short.bodies.read_text().splitlines()[:3]] == [32] * 3
+    assert paired.load_for("8 clients x 1 long text (~256 tokens)", tmp_path).ceiling == "long"
     with pytest.raises(SystemExit, match=r"no throughput ceiling for scenario '1 client x 1 text'.*'rerank'"):
         paired.load_for("1 client x 1 text", tmp_path)
+    # loadtests.interleave drives any scenario, those without a throughput ceiling too.
+    assert scenarios.scenario_load("1 client x 1 text", tmp_path).ceiling == "batch1"
+    with pytest.raises(SystemExit, match=r"unknown scenario 'nope'"):
+        scenarios.scenario_load("nope", tmp_path)
 
 
 def test_alternated_windows_give_ratios_of_the_same_minutes() -> None:

@@ -42,6 +42,7 @@ import httpx
 from service.bench import DEVICE_VARIANTS, SHORT_TEXTS, long_text
 from service.engines.bundle import BundleModel
 from service.engines.ort_engine import Device, SessionConfig
+from service.engines.priority import set_pass_slot
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "post.lua"
@@ -79,11 +80,13 @@ def short_text(index: int, offset: int = 0) -> str:
 
 def throughput(forward: Callable[[Any], Any], batches: list[Any], size: int, workers: int, seconds: float) -> float:
     """Items per second when `workers` threads run `forward` back to back for `seconds`, on each of
-    `batches` in turn."""
+    `batches` in turn. Thread i runs on its model's session i where it has one per pass (as batcher
+    worker i does in the server)."""
     done = [0]
     stop = time.perf_counter() + seconds
 
-    def work() -> None:
+    def work(slot: int) -> None:
+        set_pass_slot(slot)
         turn = 0
         while time.perf_counter() < stop:
             forward(batches[turn % len(batches)])
@@ -91,7 +94,7 @@ def throughput(forward: Callable[[Any], Any], batches: list[Any], size: int, wor
             done[0] += size
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=work) for _ in range(workers)]
+    threads = [threading.Thread(target=work, args=(slot,)) for slot in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -99,15 +102,16 @@ def throughput(forward: Callable[[Any], Any], batches: list[Any], size: int, wor
     return done[0] / (time.perf_counter() - started)
 
 
-def _layouts(device: Device) -> dict[str, tuple[SessionConfig, int]]:
-    """The ways of running passes a ceiling tries, as (session settings, passes at once). On the CPU:
-    one pass at a time on all cores, two such passes at once, or one single-threaded pass per core. On
-    CUDA the GPU runs each pass: one at a time, or two at once (one's host work overlapping the other's
-    kernels)."""
-    layouts = {"1_pass": (SessionConfig(), 1), "2_pass": (SessionConfig(), 2)}
+def _layouts(device: Device) -> dict[str, tuple[SessionConfig, int, int]]:
+    """The ways of running passes a ceiling tries, as (session settings, passes at once, sessions). On
+    the CPU: one pass at a time on all cores, two such passes at once, or one single-threaded pass per
+    core, on one session or each on a session of its own (as the server runs int8). On CUDA the GPU runs
+    each pass: one at a time, or two at once (one's host work overlapping the other's kernels)."""
+    layouts = {"1_pass": (SessionConfig(), 1, 1), "2_pass": (SessionConfig(), 2, 1)}
     if device == "cpu":
         cores = len(os.sched_getaffinity(0))
-        layouts[f"{cores}_single_thread_passes"] = (SessionConfig(intra_op_threads=1), cores)
+        layouts[f"{cores}_single_thread_passes"] = (SessionConfig(intra_op_threads=1), cores, 1)
+        layouts[f"{cores}_single_thread_sessions"] = (SessionConfig(intra_op_threads=1), cores, cores)
     return layouts
 
 
@@ -139,8 +143,8 @@ def throughput_configurations(bundle: Path, variant: str, device: Device, task: 
     request's, about what a 1024-token pass holds), 20 (one request's) and 32."""
     configurations = []
     pairs = [(SHORT_TEXTS[0], document) for document in rerank_documents(0) + rerank_documents(1)]
-    for label, (config, workers) in _layouts(device).items():
-        model = BundleModel(bundle, variant=variant, device=device, session_config=config)
+    for label, (config, workers, sessions) in _layouts(device).items():
+        model = BundleModel(bundle, variant=variant, device=device, session_config=config, sessions=sessions)
         tokenizer = model.tokenizer
         if task == "rerank":
             tokens = statistics.mean(len(item) for item in tokenizer.encode(pairs))

@@ -309,7 +309,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
         for model in models.models:
             if model.batcher is None:
                 layout = model.layout or thread_layout(model.variant, model.device, default_intra_op_threads(),
-                                                       settings.intra_op_threads, settings.engine_workers)
+                                                       settings.intra_op_threads, settings.engine_workers,
+                                                       sessions=settings.engine_sessions)
                 model.start(settings.max_batch_tokens, settings.max_batch_requests, batch_observer(metrics, model.name),
                             workers=layout.workers, nice=settings.inference_nice,
                             overlap_tokens=layout.overlap_tokens or settings.max_batch_tokens,

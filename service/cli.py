@@ -34,6 +34,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--tokenization-workers", "tokenization_workers", int, "threads tokenizing large requests"),
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads per pass (CPU: 1; CUDA: cores)"),
     ("--engine-workers", "engine_workers", int, "passes run at once per model (CPU: one per core; CUDA: 2)"),
+    ("--engine-sessions", "engine_sessions", int, "sessions per model on CPU (int8: one per pass; fp32: 1)"),
     ("--spin-microseconds", "spin_microseconds", int, "bound on ONNX Runtime's spinning between operators (0)"),
     ("--release-memory-idle-seconds", "release_memory_idle_seconds", float,
      "quiet seconds after which unused engine memory goes back to the system (2; 0: never)"),

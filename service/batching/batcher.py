@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.batching.policy import LOOKAHEAD_LIMIT, select_batch
-from service.engines.priority import lower_thread_priority
+from service.engines.priority import lower_thread_priority, set_pass_slot
 from service.engines.tokenizer import TokenizedItem
 from service.errors import ApiError, ErrorKind
 
@@ -154,8 +154,9 @@ class DynamicBatcher:
         self._overlap_at = float("-inf")  # when a request last arrived while another was in the batcher
         self.idle_seconds = idle_seconds
         self._worked = False  # a pass ran since `on_idle` was last called
-        self._threads = [threading.Thread(target=self._work, name=f"batcher-{name}-{index}", daemon=True)
-                         for index in range(max(1, workers))]
+        # Worker `index` runs its passes on the model's session `index` where it has one per pass.
+        self._threads = [threading.Thread(target=self._work, args=(index,), name=f"batcher-{name}-{index}",
+                                          daemon=True) for index in range(max(1, workers))]
         for thread in self._threads:
             thread.start()
 
@@ -325,8 +326,9 @@ class DynamicBatcher:
                 return
             self._condition.wait(remaining)
 
-    def _work(self) -> None:
+    def _work(self, index: int = 0) -> None:
         lower_thread_priority(self.nice)
+        set_pass_slot(index)
         while True:
             taken = self._next_batch()
             if taken is None:

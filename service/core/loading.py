@@ -16,6 +16,7 @@ from service.core.registry import ModelRegistry, ServedModel
 from service.engines.bundle import BundleModel
 from service.engines.layout import thread_layout
 from service.engines.ort_engine import EngineError, SessionConfig, cuda_available, default_intra_op_threads
+from service.engines.priority import set_pass_slot
 from service.engines.tokenizer import TokenizedItem
 
 if TYPE_CHECKING:
@@ -139,9 +140,13 @@ def warm_up(model: ServedModel, pass_tokens: int, max_batch_requests: int | None
     for direction in ("right", "left"):  # builds the truncating tokenizers, so no request pays for it
         model.bundle.tokenizer.encode(["warm up"], truncate=True, direction=direction)
     lone_session = getattr(model.bundle.engine, "has_lone_session", False)
+    sessions = getattr(model.bundle.engine, "session_count", 1)
     for position, (count, length) in enumerate(shapes):
         items = [TokenizedItem(ids=[token_id] * length, type_ids=[0] * length, truncated=False)] * count
-        model.run_batch(items, [tags] * count)
+        for slot in range(sessions):  # each main session, as the worker that will use it
+            set_pass_slot(slot)
+            model.run_batch(items, [tags] * count)
+        set_pass_slot(0)
         if lone_session and position < 2:  # lone batches are mostly small: its short shapes only, for a quick start
             model.run_batch(items, [tags] * count, True)
     if lone_session and choose_lone_pass:
@@ -156,9 +161,10 @@ def warm_up(model: ServedModel, pass_tokens: int, max_batch_requests: int | None
 def load_models(model_ids: list[str], served_names: list[str], models_dir: Path, device: str, dtype: str,
                 session_config: SessionConfig, max_batch_tokens: int, max_batch_requests: int | None,
                 warmup: bool = True, engine_workers: int | None = None, lone_pass: bool | None = None,
-                target_batch_tokens: int | None = None) -> ModelRegistry:
+                target_batch_tokens: int | None = None, engine_sessions: int | None = None) -> ModelRegistry:
     """Load every model (batchers are started by the app, which owns the metrics). `lone_pass` None: a
-    lone-pass session is made and kept only where warm-up measures it faster (kept without warm-up)."""
+    lone-pass session is made and kept only where warm-up measures it faster (kept without warm-up).
+    `engine_sessions`: main sessions per model on CPU (None: as `thread_layout` chooses)."""
     if not model_ids:
         raise StartupError("no model to serve: pass --model-id models/NAME (or set MODEL_ID)")
     chosen_device = choose_device(device)
@@ -175,7 +181,8 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
         variant = choose_variant(list(manifest.variants), dtype, chosen_device, directory)
         layout = thread_layout(variant, chosen_device, default_intra_op_threads(),
                                session_config.intra_op_threads or None, engine_workers, lone_pass is not False,
-                               session_config.allow_spinning or session_config.spin_microseconds > 0)
+                               session_config.allow_spinning or session_config.spin_microseconds > 0,
+                               engine_sessions)
         if chosen_device == "cuda" and dtype == "auto" and variant != "float16":
             logger.info("%s has no float16 variant; running float32 on CUDA", directory)
         try:
@@ -183,7 +190,8 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
                                  session_config=replace(session_config, intra_op_threads=layout.intra_op_threads),
                                  manifest=manifest, lone_session_config=replace(
                                      session_config, intra_op_threads=layout.lone_threads, allow_spinning=True,
-                                     spin_microseconds=0) if layout.lone_threads else None)
+                                     spin_microseconds=0) if layout.lone_threads else None,
+                                 sessions=layout.sessions)
         except (EngineError, KeyError, ValueError, OSError) as error:
             raise StartupError(f"cannot load {directory}: {error}") from None
         name = served_names[position] if served_names else manifest.name
@@ -209,4 +217,4 @@ def load_configured(settings: Settings) -> ModelRegistry:
                        settings.dtype, config, settings.max_batch_tokens, settings.max_batch_requests,
                        warmup=settings.warmup, engine_workers=settings.engine_workers,
                        lone_pass=None if settings.lone_pass == "auto" else bool(settings.lone_pass),
-                       target_batch_tokens=settings.target_batch_tokens)
+                       target_batch_tokens=settings.target_batch_tokens, engine_sessions=settings.engine_sessions)

@@ -42,6 +42,7 @@ class BundleModel:
         lone_session_config: SessionConfig | None = None,
         engine: Engine | None = None,
         model_file: Path | None = None,
+        sessions: int = 1,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest or load_manifest(bundle_dir)
@@ -64,6 +65,7 @@ class BundleModel:
             device=device,
             config=session_config,
             lone_config=lone_session_config,
+            sessions=sessions,
         )
         self._dense = DenseStack(bundle_dir, self.manifest.dense_layers)
 

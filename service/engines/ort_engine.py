@@ -1,4 +1,4 @@
-"""ONNX Runtime engine: one session per model variant; CPU and CUDA differ only in providers."""
+"""ONNX Runtime engine: the sessions of one model variant; CPU and CUDA differ only in providers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from service.engines.priority import with_nice
+from service.engines.priority import pass_slot, with_nice
 from service.engines.tokenizer import EncodedBatch
 
 Device = Literal["cpu", "cuda"]
@@ -123,7 +123,12 @@ def default_intra_op_threads() -> int:
 
 
 class OrtEngine:
-    """Runs one ONNX file. Inputs are bound once per call; on CUDA through IO binding."""
+    """Runs one ONNX file. Inputs are bound once per call; on CUDA through IO binding.
+
+    On CPU it may hold `sessions` main sessions, so that passes running at once each have their own: a
+    thread's passes run on session `pass_slot() % sessions` (service.engines.priority). Each has its own
+    weights and its own arena, whose blocks then stay with the core that last used them.
+    """
 
     def __init__(
         self,
@@ -133,12 +138,16 @@ class OrtEngine:
         device: Device = "cpu",
         config: SessionConfig | None = None,
         lone_config: SessionConfig | None = None,
+        sessions: int = 1,
     ) -> None:
         config = config or SessionConfig()
         self._cuda_device_id = config.cuda_device_id
         self.device: Device = device
         self.model_path = model_path
         self._session = self._open(model_path, config, device)
+        # More main sessions (CPU only), one per pass that runs at once; the first is `_session`.
+        self._sessions = [self._session] + [self._open(model_path, config, device)
+                                            for _ in range(max(1, sessions) - 1 if device == "cpu" else 0)]
         # A lone pass (nothing else running or waiting) may use a second, wider session that spins.
         self._lone_session = self._open(model_path, lone_config, device) if lone_config and device == "cpu" else None
         session_inputs = {node.name for node in self._session.get_inputs()}
@@ -215,11 +224,16 @@ class OrtEngine:
         arenas = f"cpu:0;gpu:{self._cuda_device_id}" if self.device == "cuda" else "cpu:0"
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
         one = np.ones((1, 1), dtype=np.int64)
-        for session in (self._session, self._lone_session):
+        for session in (*self._sessions, self._lone_session):
             if session is not None:
                 session.run([self.output_name], self._feeds(EncodedBatch(one, one, np.zeros_like(one))), options)
         if self.device == "cpu":
             trim_heap()
+
+    @property
+    def session_count(self) -> int:
+        """Main sessions (the lone-pass session not counted)."""
+        return len(self._sessions)
 
     @property
     def has_lone_session(self) -> bool:
@@ -241,5 +255,7 @@ class OrtEngine:
             self._session.run_with_iobinding(binding)
             output = binding.copy_outputs_to_cpu()[0]
         else:
-            output = self._session.run([self.output_name], feeds)[0]
+            sessions = self._sessions
+            session = sessions[pass_slot() % len(sessions)] if len(sessions) > 1 else self._session
+            output = session.run([self.output_name], feeds)[0]
         return np.asarray(output, dtype=np.float32)

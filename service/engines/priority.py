@@ -1,9 +1,13 @@
-"""Thread priorities: inference threads yield the CPU to the event loop.
+"""What an inference thread carries with it: its priority, and which of a model's sessions it runs on.
 
 On a machine with few cores, ONNX Runtime's threads and the event loop compete for the same CPUs.
 When the event loop has work (parsing requests, answering /health, refusing a flood), it should get
 the CPU at once; inference can use what is left. Linux keeps a nice value per thread, and threads
 inherit the value of the thread that starts them.
+
+A model may hold one ONNX Runtime session per pass that runs at once (see service.engines.layout):
+each batcher worker names its slot once (`set_pass_slot`), and the engine runs that worker's passes on
+session `slot % sessions`. Any other thread (the event loop's inline passes, warm-up) is slot 0.
 """
 
 from __future__ import annotations
@@ -15,6 +19,19 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+_slot = threading.local()
+
+
+def set_pass_slot(slot: int) -> None:
+    """The calling thread's passes run on the model's session `slot` (modulo how many it has)."""
+    _slot.value = slot
+
+
+def pass_slot() -> int:
+    """The calling thread's slot (0 unless `set_pass_slot` named one)."""
+    return getattr(_slot, "value", 0)
 
 
 def lower_thread_priority(nice: int) -> None:

@@ -305,28 +305,67 @@ def test_stopped_batcher_refuses_new_work() -> None:
 def test_thread_layout_per_variant() -> None:
     from service.engines.layout import SMALL_OVERLAP_TOKENS, ThreadLayout, thread_layout
 
-    # On CPU both dtypes run narrow passes side by side; a lone batch gets the wide spinning session
+    # On CPU both dtypes run narrow passes side by side; a lone batch gets the wide spinning session.
+    # int8 passes each run on a session of their own, float32 passes share one.
     assert thread_layout("float32", "cpu", 2) == ThreadLayout(1, 2, None, lone_threads=2)
     assert thread_layout("float32", "cpu", 2, spinning=True) == ThreadLayout(1, 2, None, lone_threads=2)
     assert thread_layout("float32", "cpu", 2, intra_op_threads=2, spinning=True) == \
         ThreadLayout(2, 2, SMALL_OVERLAP_TOKENS)
-    assert thread_layout("int8", "cpu", 2, spinning=True) == ThreadLayout(1, 2, None, lone_threads=2)
+    assert thread_layout("int8", "cpu", 2, spinning=True) == ThreadLayout(1, 2, None, lone_threads=2, sessions=2)
     assert thread_layout("float32", "cpu", 2, lone_pass=False) == ThreadLayout(1, 2, None)
-    assert thread_layout("int8", "cpu", 2) == ThreadLayout(1, 2, None, lone_threads=2)
+    assert thread_layout("int8", "cpu", 2) == ThreadLayout(1, 2, None, lone_threads=2, sessions=2)
     # On more cores: still one single-threaded pass per core, unless --engine-workers says otherwise.
-    assert thread_layout("int8", "cpu", 16) == ThreadLayout(1, 16, None, lone_threads=16)
+    assert thread_layout("int8", "cpu", 16) == ThreadLayout(1, 16, None, lone_threads=16, sessions=16)
     assert thread_layout("float32", "cpu", 16) == ThreadLayout(1, 16, None, lone_threads=16)
-    assert thread_layout("int8", "cpu", 16, workers=2) == ThreadLayout(8, 2, None, lone_threads=16)
+    assert thread_layout("int8", "cpu", 16, workers=2) == ThreadLayout(8, 2, None, lone_threads=16, sessions=2)
     assert thread_layout("float32", "cpu", 16, workers=4) == ThreadLayout(4, 4, None, lone_threads=16)
     assert thread_layout("float32", "cpu", 16, intra_op_threads=16) == ThreadLayout(16, 2, SMALL_OVERLAP_TOKENS, 16)
-    assert thread_layout("int8", "cpu", 16, intra_op_threads=4) == ThreadLayout(4, 4, None, lone_threads=16)
-    assert thread_layout("int8", "cpu", 2, lone_pass=False) == ThreadLayout(1, 2, None)
+    assert thread_layout("int8", "cpu", 16, intra_op_threads=4) == ThreadLayout(4, 4, None, lone_threads=16,
+                                                                                 sessions=4)
+    assert thread_layout("int8", "cpu", 2, lone_pass=False) == ThreadLayout(1, 2, None, sessions=2)
     assert thread_layout("float16", "cuda", 8) == ThreadLayout(8, 2, SMALL_OVERLAP_TOKENS)
     assert thread_layout("int8", "cuda", 8) == ThreadLayout(8, 2, SMALL_OVERLAP_TOKENS)
     assert thread_layout("float32", "cpu", 2, intra_op_threads=1) == ThreadLayout(1, 2, None, lone_threads=2)
     assert thread_layout("float32", "cpu", 2, workers=1) == ThreadLayout(2, 1, None)  # one pass at a time
     assert thread_layout("int8", "cpu", 2, workers=1) == ThreadLayout(1, 1, None)  # one pass: nothing to widen
     assert thread_layout("int8", "cpu", 1) == ThreadLayout(1, 1, None)
+    # --engine-sessions: any number up to the passes (more would never be used); never on CUDA.
+    assert thread_layout("float32", "cpu", 4, sessions=4).sessions == 4
+    assert thread_layout("int8", "cpu", 4, sessions=1).sessions == 1
+    assert thread_layout("int8", "cpu", 4, sessions=9).sessions == 4
+    assert thread_layout("float32", "cuda", 8, sessions=2).sessions == 1
+    assert "on 2 sessions" in thread_layout("int8", "cpu", 2).describe()
+    assert "sessions" not in thread_layout("float32", "cpu", 2).describe()
+
+
+def test_each_worker_names_its_own_session_slot() -> None:
+    """Worker i of a batcher runs its passes as slot i (the engine picks session i % sessions); any other
+    thread, such as the event loop's, is slot 0."""
+    from service.engines.priority import pass_slot
+
+    slots: set[int] = set()
+    both = threading.Event()
+    lock = threading.Lock()
+
+    def runner(items: list[TokenizedItem], tags: list[str], lone: bool = False) -> list[Any]:
+        with lock:
+            slots.add(pass_slot())
+            if len(slots) == 2:
+                both.set()
+        both.wait(5)  # hold the first pass until the other worker runs one too
+        return [len(entry) for entry in items]
+
+    batcher = DynamicBatcher("t", runner, max_batch_tokens=100, max_batch_requests=None, workers=2,
+                             overlap_tokens=100, target_tokens=10)
+
+    async def scenario() -> None:
+        pending = [batcher.submit([item(8)]) for _ in range(6)]
+        await asyncio.gather(*(request.future for request in pending))
+
+    asyncio.run(scenario())
+    batcher.stop()
+    assert slots == {0, 1}
+    assert pass_slot() == 0
 
 
 def test_a_pass_is_lone_only_when_nothing_else_runs_or_waits() -> None:

@@ -48,7 +48,8 @@ def test_load_test_ceilings_try_the_layouts_of_their_device() -> None:
     from loadtests.run import _layouts, _machine_line
 
     cores = len(os.sched_getaffinity(0))
-    assert set(_layouts("cpu")) == {"1_pass", "2_pass", f"{cores}_single_thread_passes"}
+    assert set(_layouts("cpu")) == {"1_pass", "2_pass", f"{cores}_single_thread_passes",
+                                    f"{cores}_single_thread_sessions"}
     assert set(_layouts("cuda")) == {"1_pass", "2_pass"}
     machine = {"cpu": "Some CPU", "cores": 16, "gpu": "NVIDIA H200"}
     assert _machine_line({"machine": machine, "device": "cuda"}) == "Some CPU, 16 cores; CUDA provider on NVIDIA H200"

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+
+class Counting:
+    """An ONNX Runtime session that counts the passes run on it."""
+
+    def __init__(self, session: object) -> None:
+        self.session, self.runs = session, 0
+
+    def run(self, *args: object) -> object:
+        self.runs += 1
+        return self.session.run(*args)  # type: ignore[attr-defined]
 
 
 def test_spinning_settings_reach_onnx_runtime(bge_style_bundle: Path) -> None:
@@ -40,14 +52,6 @@ def test_lone_session_is_wide_spins_and_agrees(bge_style_bundle: Path) -> None:
     np.testing.assert_allclose(model.forward_pooled(batch, lone=True), model.forward_pooled(batch), rtol=1e-5,
                                atol=1e-6)
 
-    class Counting:
-        def __init__(self, session: object) -> None:
-            self.session, self.runs = session, 0
-
-        def run(self, *args: object) -> object:
-            self.runs += 1
-            return self.session.run(*args)  # type: ignore[attr-defined]
-
     wide, narrow = Counting(engine._lone_session), Counting(engine._session)  # type: ignore[attr-defined]
     engine._lone_session, engine._session = wide, narrow  # type: ignore[attr-defined]
     model.forward_pooled(batch, lone=True)
@@ -57,6 +61,71 @@ def test_lone_session_is_wide_spins_and_agrees(bge_style_bundle: Path) -> None:
     plain = BundleModel(bge_style_bundle, session_config=SessionConfig(intra_op_threads=1))
     assert not plain.engine.has_lone_session  # type: ignore[attr-defined]
     np.testing.assert_array_equal(plain.forward_pooled(batch, lone=True), plain.forward_pooled(batch))
+
+
+def test_passes_run_on_the_session_of_their_slot(bge_style_bundle: Path) -> None:
+    """With one session per pass, a thread's passes run on session `slot % sessions` (the batcher's worker i
+    is slot i), all agreeing; on one session every slot runs there. The lone session is apart from them."""
+    import threading
+
+    import numpy as np
+
+    from service.engines.bundle import BundleModel
+    from service.engines.ort_engine import SessionConfig
+    from service.engines.priority import set_pass_slot
+
+    model = BundleModel(bge_style_bundle, session_config=SessionConfig(intra_op_threads=1), sessions=2,
+                        lone_session_config=SessionConfig(intra_op_threads=2, allow_spinning=True))
+    engine = model.engine
+    assert engine.session_count == 2  # type: ignore[attr-defined]
+    sessions = engine._sessions  # type: ignore[attr-defined]
+    assert sessions[0] is engine._session and sessions[1] is not sessions[0]  # type: ignore[attr-defined]
+    assert sessions[1].get_session_options().intra_op_num_threads == 1
+
+    first, second = Counting(sessions[0]), Counting(sessions[1])
+    engine._sessions = [first, second]  # type: ignore[attr-defined]
+    batch = model.tokenizer.pad(model.tokenizer.encode(["one pass", "and another one, longer"]))
+    outputs: dict[int, object] = {}
+
+    def on_slot(slot: int) -> None:
+        set_pass_slot(slot)
+        outputs[slot] = model.forward_pooled(batch)
+
+    for slot in (1, 3, 0, 2):
+        thread = threading.Thread(target=on_slot, args=(slot,))
+        thread.start()
+        thread.join()
+    assert (first.runs, second.runs) == (2, 2)
+    outputs[-1] = model.forward_pooled(batch)  # this thread: slot 0
+    model.forward_pooled(batch, lone=True)  # the lone session, not a main one
+    assert (first.runs, second.runs) == (3, 2)
+    for output in outputs.values():
+        np.testing.assert_allclose(output, outputs[0], rtol=1e-5, atol=1e-6)  # type: ignore[arg-type]
+    assert BundleModel(bge_style_bundle).engine.session_count == 1  # type: ignore[attr-defined]
+
+
+def test_engine_sessions_follow_the_layout_and_the_setting(bge_style_bundle: Path) -> None:
+    """The server makes as many main sessions as its layout names: float32 shares one unless
+    --engine-sessions says otherwise, and warm-up has run each of them."""
+    from service.config import Settings
+    from service.core.loading import load_configured, warm_up
+
+    def load(**settings: object) -> Any:
+        registry = load_configured(Settings(model_id=[str(bge_style_bundle)], lone_pass=False,  # type: ignore[arg-type]
+                                            **settings))
+        return registry.models[0]
+
+    shared = load(engine_workers=2)
+    assert shared.layout.sessions == 1 and shared.bundle.engine.session_count == 1  # type: ignore[attr-defined]
+    model = load(engine_workers=2, engine_sessions=2)
+    assert model.layout.sessions == 2 and model.bundle.engine.session_count == 2  # type: ignore[attr-defined]
+    assert "on 2 sessions" in model.layout.describe()  # type: ignore[attr-defined]
+
+    cold = load(engine_workers=2, engine_sessions=2, warmup=False)
+    engine = cold.bundle.engine
+    engine._sessions = [Counting(session) for session in engine._sessions]
+    warm_up(cold, 1024, None)
+    assert min(session.runs for session in engine._sessions) >= 3  # every warm-up shape on each session
 
 
 def test_lone_pass_session_is_kept_only_where_it_was_measured_faster(bge_style_bundle: Path) -> None:

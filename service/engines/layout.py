@@ -30,9 +30,9 @@ wide, there is no second one.
 
 Passes that run at once share one ONNX Runtime session, except int8 passes on CPU: each gets a session
 of its own (`sessions`), with its own copy of the weights and its own arena. Measured on 2 cores (the
-AMD EPYC of the README's reports, one server with one session against one with two, alternated): int8
-8 clients x 32 texts 1.12x (4 of 4 rounds), 8 clients x one 256-token text 1.10x (3 of 4), rerank of
-20 pairs 1.09x and 1.06x (11 of 12), 32 single-text clients 1.04x (5 of 6); float32 8 x 32 texts
+AMD EPYC with AVX-512 VNNI of the README, `loadtests.interleave` against one shared session, int8, six
+rounds): rerank of 20 pairs 1.09x (6 of 6), 8 clients x 32 texts 1.07x (5 of 6), 8 clients x one
+256-token text 1.11x (6 of 6), 32 single-text clients 0.99x (level); float32 8 x 32 texts
 1.00x, and there a second copy of the weights is 90 MB, so float32 passes keep sharing one.
 
 `--intra-op-threads` and `--engine-workers` override either choice (with `--engine-workers` alone,

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,14 +142,32 @@ def warm_up(model: ServedModel, pass_tokens: int, max_batch_requests: int | None
         model.bundle.tokenizer.encode(["warm up"], truncate=True, direction=direction)
     lone_session = getattr(model.bundle.engine, "has_lone_session", False)
     sessions = getattr(model.bundle.engine, "session_count", 1)
-    for position, (count, length) in enumerate(shapes):
-        items = [TokenizedItem(ids=[token_id] * length, type_ids=[0] * length, truncated=False)] * count
-        for slot in range(sessions):  # each main session, as the worker that will use it
-            set_pass_slot(slot)
-            model.run_batch(items, [tags] * count)
-        set_pass_slot(0)
-        if lone_session and position < 2:  # lone batches are mostly small: its short shapes only, for a quick start
-            model.run_batch(items, [tags] * count, True)
+    batches = [[TokenizedItem(ids=[token_id] * length, type_ids=[0] * length, truncated=False)] * count
+               for count, length in shapes]
+
+    def warm_session(slot: int) -> None:
+        """Every shape on main session `slot`, as the batcher worker that will use it."""
+        set_pass_slot(slot)
+        try:
+            for items in batches:
+                model.run_batch(items, [tags] * len(items))
+        finally:
+            set_pass_slot(0)
+
+    # Several main sessions are single-threaded passes meant to run at once: warm them at once too, each
+    # on a thread of its own (ONNX Runtime lets go of the GIL while it runs), so start-up does not take
+    # one warm-up per session.
+    if sessions > 1:
+        with ThreadPoolExecutor(max_workers=sessions - 1, thread_name_prefix="warm-up") as pool:
+            others = [pool.submit(warm_session, slot) for slot in range(1, sessions)]
+            warm_session(0)
+            for other in others:
+                other.result()
+    else:
+        warm_session(0)
+    if lone_session:  # lone batches are mostly small: its short shapes only, for a quick start
+        for items in batches[:2]:
+            model.run_batch(items, [tags] * len(items), True)
     if lone_session and choose_lone_pass:
         decide_lone_pass(model, *time_lone_pass(model))
     # The widest warm-up batch grew the arena; give that back so an idle server stays small (traffic

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,20 @@ class Counting:
     def run(self, *args: object) -> object:
         self.runs += 1
         return self.session.run(*args)  # type: ignore[attr-defined]
+
+
+class Meeting(Counting):
+    """A counting session whose first pass waits at `barrier`, and which notes the thread that ran it."""
+
+    def __init__(self, session: object, barrier: threading.Barrier) -> None:
+        super().__init__(session)
+        self.barrier, self.first_thread = barrier, 0
+
+    def run(self, *args: object) -> object:
+        if not self.runs:
+            self.first_thread = threading.get_ident()
+            self.barrier.wait()
+        return super().run(*args)
 
 
 def test_spinning_settings_reach_onnx_runtime(bge_style_bundle: Path) -> None:
@@ -66,7 +81,6 @@ def test_lone_session_is_wide_spins_and_agrees(bge_style_bundle: Path) -> None:
 def test_passes_run_on_the_session_of_their_slot(bge_style_bundle: Path) -> None:
     """With one session per pass, a thread's passes run on session `slot % sessions` (the batcher's worker i
     is slot i), all agreeing; on one session every slot runs there. The lone session is apart from them."""
-    import threading
 
     import numpy as np
 
@@ -109,6 +123,7 @@ def test_engine_sessions_follow_the_layout_and_the_setting(bge_style_bundle: Pat
     --engine-sessions says otherwise, and warm-up has run each of them."""
     from service.config import Settings
     from service.core.loading import load_configured, warm_up
+    from service.engines.priority import pass_slot
 
     def load(**settings: object) -> Any:
         registry = load_configured(Settings(model_id=[str(bge_style_bundle)], lone_pass=False,  # type: ignore[arg-type]
@@ -126,6 +141,16 @@ def test_engine_sessions_follow_the_layout_and_the_setting(bge_style_bundle: Pat
     engine._sessions = [Counting(session) for session in engine._sessions]
     warm_up(cold, 1024, None)
     assert min(session.runs for session in engine._sessions) >= 3  # every warm-up shape on each session
+
+    # The sessions warm up at once: each one's first pass waits until the other's has begun, which a
+    # warm-up that ran the sessions one after the other would never see (the barrier would time out).
+    meeting = threading.Barrier(2, timeout=10)
+    engine._sessions = [Meeting(session.session, meeting) for session in engine._sessions]
+    warm_up(cold, 1024, None)
+    first, second = engine._sessions
+    assert first.runs == second.runs >= 3 and not meeting.broken
+    assert first.first_thread == threading.get_ident() != second.first_thread
+    assert pass_slot() == 0  # the caller's passes still run on the first session
 
 
 def test_lone_pass_session_is_kept_only_where_it_was_measured_faster(bge_style_bundle: Path) -> None:

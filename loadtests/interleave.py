@@ -12,7 +12,9 @@ up, and each round drives one and then the other with wrk for `--seconds`, the o
 round so that neither always goes first. Each run prints texts (pairs)/s, p50, the forward passes'
 mean size and the server's CPU per request (event loop, other threads); the summary gives both means,
 their ratio and in how many rounds the candidate was ahead. Both servers run this interpreter with
-the same arguments (`--server-arg`, repeatable); the idle one costs nothing while the other runs.
+the same arguments (`--server-arg`, repeatable) and each its own (`--baseline-arg`, `--candidate-arg`),
+so two settings compare on one checkout too (`--baseline .`); the idle one costs nothing while the
+other runs.
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def measure(url: str, pid: int, bodies: Path, connections: int, route: str, seco
 
 
 def interleave(baseline: Path, candidate: Path, bundle: Path, scenario: str, runs: int, seconds: float,
-               server_args: tuple[str, ...]) -> dict[str, Any]:
+               arguments: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """`arguments["baseline"]` and `arguments["candidate"]`: each server's settings (see `server_arguments`)."""
     versions = {"baseline": baseline.resolve(), "candidate": candidate.resolve()}
     measured: dict[str, list[dict[str, Any]]] = {name: [] for name in versions}
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
         load = scenarios.scenario_load(scenario, Path(scratch))
         bodies, connections, route = load.bodies, load.connections, load.route
-        servers = {name: stack.enter_context(scenarios.serving(bundle, *server_args, checkout=checkout))
+        servers = {name: stack.enter_context(scenarios.serving(bundle, *arguments[name], checkout=checkout))
                    for name, checkout in versions.items()}
         for url, server in servers.values():
             scenarios.run_wrk(url, bodies, connections, min(3.0, seconds), server.pid, path=route)
@@ -69,13 +72,21 @@ def interleave(baseline: Path, candidate: Path, bundle: Path, scenario: str, run
     means = {name: statistics.mean(entry["items_per_s"] for entry in entries) for name, entries in measured.items()}
     ahead = sum(new["items_per_s"] > old["items_per_s"]
                 for old, new in zip(measured["baseline"], measured["candidate"], strict=True))
-    return {"scenario": scenario, "server_args": list(server_args), "seconds": seconds, "runs": measured,
+    return {"scenario": scenario, "server_args": {name: list(arguments[name]) for name in versions},
+            "seconds": seconds, "runs": measured,
             "mean_items_per_s": means, "ratio": means["candidate"] / means["baseline"], "candidate_ahead": ahead,
             "loop_us_per_request": {name: statistics.mean(entry["loop_us_per_request"] for entry in entries)
                                     for name, entries in measured.items()}}
 
 
-def main() -> None:
+def server_arguments(options: argparse.Namespace) -> dict[str, tuple[str, ...]]:
+    """Each server's settings: the dtype and `--server-arg`s, then its own `--baseline-arg`s or
+    `--candidate-arg`s (given later, so they win where both name a setting)."""
+    shared = ("--dtype", options.dtype, *options.server_args)
+    return {"baseline": (*shared, *options.baseline_args), "candidate": (*shared, *options.candidate_args)}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", type=Path, required=True, help="another checkout of this repository")
     parser.add_argument("--candidate", type=Path, default=Path("."), help="the checkout to compare (this one)")
@@ -86,13 +97,22 @@ def main() -> None:
                         help="a scenario name of loadtests.run, or 'rerank'")
     parser.add_argument("--runs", type=int, default=8, help="wrk runs of each server")
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--server-arg", action="append", default=[], dest="server_args", metavar="ARG")
+    parser.add_argument("--server-arg", action="append", default=[], dest="server_args", metavar="ARG",
+                        help="a setting for both servers (repeatable)")
+    parser.add_argument("--baseline-arg", action="append", default=[], dest="baseline_args", metavar="ARG",
+                        help="a setting for the baseline's server only (repeatable)")
+    parser.add_argument("--candidate-arg", action="append", default=[], dest="candidate_args", metavar="ARG",
+                        help="a setting for the candidate's server only (repeatable)")
     parser.add_argument("--output", type=Path, help="write the runs and the summary here as JSON")
-    options = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    options = build_parser().parse_args()
     if options.runs < 1:
         raise SystemExit("--runs must be at least 1")
     report = interleave(options.baseline, options.candidate, options.bundle, options.scenario, options.runs,
-                        options.seconds, ("--dtype", options.dtype, *options.server_args))
+                        options.seconds, server_arguments(options))
     means = report["mean_items_per_s"]
     print(f"baseline {means['baseline']:.1f}/s, candidate {means['candidate']:.1f}/s: {report['ratio']:.3f}x, "
           f"candidate ahead in {report['candidate_ahead']} of {options.runs} rounds; loop "

@@ -105,3 +105,25 @@ def test_the_padding_tool_compares_the_ceilings_batches_with_the_same_texts_sort
     measured = padding.measure(bge_style_bundle, "float32", rounds=1, seconds=0.02)
     assert measured["as sent, 32"]["against_as_sent"] == pytest.approx(1.0)
     assert all(figures["mean"] > 0 for figures in measured.values())
+
+
+def test_interleave_gives_each_server_the_shared_settings_then_its_own() -> None:
+    import argparse
+
+    from loadtests import interleave
+    from service.cli import _add_serve_arguments
+
+    options = interleave.build_parser().parse_args([
+        "--baseline", ".", "--dtype", "float32", "--server-arg=--engine-workers=2",
+        "--candidate-arg=--engine-sessions=2", "--candidate-arg=--dtype=int8", "--baseline-arg=--lone-pass=false"])
+    arguments = interleave.server_arguments(options)
+    assert arguments == {
+        "baseline": ("--dtype", "float32", "--engine-workers=2", "--lone-pass=false"),
+        "candidate": ("--dtype", "float32", "--engine-workers=2", "--engine-sessions=2", "--dtype=int8")}
+    # Each list is what `embedrank serve` parses: a server's own setting wins over the shared one.
+    serve = argparse.ArgumentParser()
+    _add_serve_arguments(serve)
+    candidate = serve.parse_args(arguments["candidate"])
+    assert (candidate.dtype, candidate.engine_sessions, candidate.engine_workers) == ("int8", 2, 2)
+    baseline = serve.parse_args(arguments["baseline"])
+    assert (baseline.dtype, baseline.lone_pass, "engine_sessions" in vars(baseline)) == ("float32", False, False)

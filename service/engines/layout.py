@@ -33,10 +33,11 @@ of its own (`sessions`), with its own copy of the weights and its own arena. Mea
 AMD EPYC with AVX-512 VNNI of the README, `loadtests.interleave` against one shared session, int8, six
 rounds): rerank of 20 pairs 1.09x (6 of 6), 8 clients x 32 texts 1.07x (5 of 6), 8 clients x one
 256-token text 1.11x (6 of 6), 32 single-text clients 0.99x (level); float32 8 x 32 texts
-1.00x, and there a second copy of the weights is 90 MB, so float32 passes keep sharing one. On the
-2-core Xeon with AVX-512 VNNI and AMX the int8 gain was smaller and long texts lost: rerank 1.03x, 8 x 32
-texts 1.01x, 32 single-text clients 1.02x (5 of 6 each), 8 x one 256-token text 0.96x (0 of 6); the
-default follows the larger gains, and `--engine-sessions 1` keeps one shared session.
+1.00x and fp32 rerank 1.03x (4 of 6, a later day), and there a second copy of the weights is 90 MB,
+so float32 passes keep sharing one. On the 2-core Xeon with AVX-512 VNNI and AMX the int8 gain was
+smaller and long texts lost: rerank 1.03x, 8 x 32 texts 1.01x, 32 single-text clients 1.02x (5 of 6
+each), 8 x one 256-token text 0.96x (0 of 6); the default follows the larger gains, and
+`--engine-sessions 1` keeps one shared session.
 
 `--intra-op-threads` and `--engine-workers` override either choice (with `--engine-workers` alone,
 int8 passes keep half the cores and fp32 passes share them); whenever passes x threads fit in the

@@ -6,7 +6,10 @@ measured in the same run on the same machine.
 For each dtype: the ceiling is measured first (ONNX Runtime called directly, nothing else running),
 then a server is started on 127.0.0.1 and wrk drives each scenario. wrk's own CPU use is measured
 and reported, since on a small machine the load generator competes with the server.
-Results go to loadtests/results/ as JSON and a Markdown table.
+Results go to loadtests/results/ as JSON and a Markdown table. With `--same-minutes`, each scenario
+with a throughput ceiling is also held to the best ceiling configuration measured again right before or
+after the server's window, for as long, so the report says how much of a shortfall is the machine's
+drift between the ceiling's minutes and the server's.
 
 With `--device cuda` (onnxruntime-gpu and an NVIDIA GPU), the ceiling and the server both use the
 CUDA execution provider, and the dtypes default to float32 and float16:
@@ -34,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +170,28 @@ def throughput_configurations(bundle: Path, variant: str, device: Device, task: 
     return configurations
 
 
+def best_of_each_kind(configurations: list[ThroughputConfiguration],
+                      figures: dict[str, float]) -> dict[str, ThroughputConfiguration]:
+    """The configuration of each kind ("batch32", "long", "rerank") whose figure in `figures` is the highest:
+    the one a ceiling measured in the same minutes as the server runs again (see `--same-minutes`)."""
+    best: dict[str, ThroughputConfiguration] = {}
+    for configuration in configurations:
+        held = best.get(configuration.kind)
+        if held is None or figures[configuration.key] > figures[held.key]:
+            best[configuration.kind] = configuration
+    return best
+
+
 def ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
-            rounds: int = CEILING_ROUNDS) -> dict[str, float]:
+            rounds: int = CEILING_ROUNDS,
+            configurations: list[ThroughputConfiguration] | None = None) -> dict[str, float]:
     """Batch-1 latency and batch-32 throughput ONNX Runtime reaches in this process, each the best of
     the configurations tried (on the CPU: thread spinning on or off, or one thread; and the layouts of
     `_layouts`) and of `rounds` rounds, so the server is held to the best the machine does, not to its
     own settings nor to a moment when the machine was slow. The inputs are the scenarios' own texts:
-    batch 1 cycles through the first single-text requests, batch 32 through the first 32-text ones."""
+    batch 1 cycles through the first single-text requests, batch 32 through the first 32-text ones.
+    `configurations`: the throughput configurations to measure (`throughput_configurations`' embed ones
+    by default), for a caller that measures the best of them again later."""
     result: dict[str, float] = {}
     single_configs = {"spinning_off": SessionConfig(), "spinning_on": SessionConfig(allow_spinning=True),
                       "single_thread": SessionConfig(intra_op_threads=1)}
@@ -182,7 +201,8 @@ def ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
                      for label, config in single_configs.items()}
     tokenizer = next(iter(single_models.values())).tokenizer
     singles = [tokenizer.pad(tokenizer.encode([short_text(index)])) for index in range(CEILING_BATCHES * 8)]
-    configurations = throughput_configurations(bundle, variant, device, "embed")
+    if configurations is None:
+        configurations = throughput_configurations(bundle, variant, device, "embed")
     for _ in range(rounds):
         for label, model in single_models.items():
             for single in singles[:10]:
@@ -222,16 +242,18 @@ def rerank_documents(seed: int) -> list[str]:
 
 
 def rerank_ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
-                   rounds: int = CEILING_ROUNDS) -> dict[str, float]:
+                   rounds: int = CEILING_ROUNDS,
+                   configurations: list[ThroughputConfiguration] | None = None) -> dict[str, float]:
     """Pairs per second ONNX Runtime scores in this process, batches of half a request's pairs (what a
     1024-token pass holds), one request's 20 or 32, in each layout of `_layouts`, each in `rounds`
-    rounds: the best is the ceiling."""
-    configurations = throughput_configurations(bundle, variant, device, "rerank")
+    rounds: the best is the ceiling. `configurations`: as for `ceiling`."""
+    if configurations is None:
+        configurations = throughput_configurations(bundle, variant, device, "rerank")
     result: dict[str, float] = {}
     for _ in range(rounds):
         for configuration in configurations:
             result[configuration.key] = max(result.get(configuration.key, 0.0), configuration.measure(seconds))
-    result["pairs_per_s"] = max(result.values())
+    result["pairs_per_s"] = max(result[configuration.key] for configuration in configurations)
     result["tokens_per_pair"] = configurations[0].tokens_per_item
     return result
 
@@ -274,19 +296,53 @@ def scenario_load(name: str, scratch: Path) -> Load:
 
 
 def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str, Any], scratch: Path,
-               server_args: tuple[str, ...] = (), device: Device = "cpu", rounds: int = CEILING_ROUNDS) -> None:
+               server_args: tuple[str, ...] = (), device: Device = "cpu", rounds: int = CEILING_ROUNDS,
+               same_minutes: bool = False, round_number: int = 1) -> None:
     bodies = rerank_bodies(scratch)
-    for dtype in dtypes:
-        base = rerank_ceiling(bundle, dtype, max(2.0, seconds / 3), device, rounds)
+    for index, dtype in enumerate(dtypes):
+        configurations = throughput_configurations(bundle, dtype, device, "rerank")
+        base = rerank_ceiling(bundle, dtype, max(2.0, seconds / 3), device, rounds, configurations)
+        held = best_of_each_kind(configurations, base)["rerank"] if same_minutes else None
+        del configurations  # the others' sessions: only the one measured again stays loaded
+        window = seconds * RERANK_WINDOW_FACTOR
         with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
-            measured = run_wrk(url, bodies, RERANK_CLIENTS, seconds * RERANK_WINDOW_FACTOR, server.pid,
-                               path="/rerank")
+            measured, alongside = beside_ceiling(
+                partial(run_wrk, url, bodies, RERANK_CLIENTS, window, server.pid, path="/rerank"),
+                held, window, _ceiling_first(round_number, index))
         pairs_per_second = measured["requests"] * RERANK_DOCUMENTS / measured["seconds"]
         entry = {"dtype": dtype, "scenario": "rerank 8 clients x (1 query + 20 docs of ~100 tokens)",
                  "texts_per_s": pairs_per_second, **measured, "ceiling": base, "rerank": True,
-                 "ratio_to_ceiling": pairs_per_second / base["pairs_per_s"]}
+                 "ratio_to_ceiling": pairs_per_second / base["pairs_per_s"],
+                 **_same_minutes(pairs_per_second, held, alongside, _ceiling_first(round_number, index))}
         report["results"].append(entry)
         print(_row(entry), flush=True)
+
+
+def _ceiling_first(round_number: int, index: int) -> bool:
+    """Whether a scenario's same-minutes ceiling window runs before the server's (else right after it): the
+    order alternates from one scenario to the next and from one round to the next."""
+    return (round_number + index) % 2 == 0
+
+
+def beside_ceiling(drive: Callable[[], dict[str, Any]], held: ThroughputConfiguration | None, seconds: float,
+                   ceiling_first: bool) -> tuple[dict[str, Any], float | None]:
+    """`drive()`'s figures (a wrk window against the server) and, where `held` is a ceiling configuration,
+    what it measures in this process in a window of `seconds` right before or right after that one, while
+    the server idles: the ceiling of the same minutes of the machine (None without `held`)."""
+    alongside = held.measure(seconds) if held is not None and ceiling_first else None
+    measured = drive()
+    if held is not None and not ceiling_first:
+        alongside = held.measure(seconds)
+    return measured, alongside
+
+
+def _same_minutes(items_per_second: float, held: ThroughputConfiguration | None, alongside: float | None,
+                  ceiling_first: bool) -> dict[str, Any]:
+    """A scenario's figures against the ceiling window of its own minutes (nothing without one)."""
+    if held is None or alongside is None:
+        return {}
+    return {"same_minutes": {"configuration": held.key, "items_per_s": alongside, "ceiling_first": ceiling_first},
+            "ratio_same_minutes": items_per_second / alongside}
 
 
 @contextlib.contextmanager
@@ -410,10 +466,13 @@ def run_wrk_at_once(url: str, server_pid: int,
 
 def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
         reranker: Path | None = None, server_args: tuple[str, ...] = (), only: str | None = None,
-        rounds: int = 1, device: Device = "cpu", ceiling_rounds: int = CEILING_ROUNDS) -> dict[str, Any]:
+        rounds: int = 1, device: Device = "cpu", ceiling_rounds: int = CEILING_ROUNDS,
+        same_minutes: bool = False) -> dict[str, Any]:
     """Every scenario against its ceiling; with `rounds` > 1 the whole sequence (ceilings, servers,
     scenarios) runs that many times and the report adds each figure's median and range. `device`:
-    the execution provider of both the ceiling and the servers."""
+    the execution provider of both the ceiling and the servers. `same_minutes`: each scenario with a
+    throughput ceiling is also held to the best ceiling configuration measured again in a window as long
+    as the server's, right before or right after it (see `beside_ceiling`)."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     report: dict[str, Any] = {
@@ -421,7 +480,7 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
                     "python": platform.python_version(), "gpu": _gpu_name() if device == "cuda" else None},
         "device": device, "bundle": str(bundle), "reranker": str(reranker), "seconds_per_scenario": seconds,
         "server_args": list(server_args), "results": [], "servers": [], "rounds": rounds,
-        "ceiling_rounds": ceiling_rounds,
+        "ceiling_rounds": ceiling_rounds, "same_minutes": same_minutes,
     }
     server_args = ("--device", device, *server_args)
     with tempfile.TemporaryDirectory() as scratch:
@@ -431,10 +490,12 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
         for round_number in range(1, rounds + 1):
             first = len(report["results"]), len(report["servers"])
             if reranker is not None and (only is None or "rerank" in only):
-                run_rerank(reranker, dtypes, seconds, report, Path(scratch), server_args, device, ceiling_rounds)
+                run_rerank(reranker, dtypes, seconds, report, Path(scratch), server_args, device, ceiling_rounds,
+                           same_minutes, round_number)
             for dtype in dtypes if bundle is not None and scenarios else []:
                 assert bundle is not None
-                run_embed(bundle, dtype, scenarios, seconds, report, bodies, server_args, device, ceiling_rounds)
+                run_embed(bundle, dtype, scenarios, seconds, report, bodies, server_args, device, ceiling_rounds,
+                          same_minutes, round_number)
                 if reranker is not None and only is None:
                     run_mixed(bundle, reranker, dtype, seconds, report, bodies[("short", 1)], Path(scratch),
                               server_args)
@@ -453,16 +514,22 @@ def run(bundle: Path | None, dtypes: list[str], seconds: float, output: Path,
 
 def run_embed(bundle: Path, dtype: str, scenarios: list[Scenario], seconds: float, report: dict[str, Any],
               bodies: dict[tuple[str, int], Path], server_args: tuple[str, ...] = (), device: Device = "cpu",
-              rounds: int = CEILING_ROUNDS) -> None:
+              rounds: int = CEILING_ROUNDS, same_minutes: bool = False, round_number: int = 1) -> None:
     """The ceiling, then one server for every embed scenario, then its start-up and memory figures."""
-    base = ceiling(bundle, dtype, max(2.0, seconds / 2), device, rounds)
+    configurations = throughput_configurations(bundle, dtype, device, "embed")
+    base = ceiling(bundle, dtype, max(2.0, seconds / 2), device, rounds, configurations)
+    held = best_of_each_kind(configurations, base) if same_minutes else {}
+    del configurations  # the others' sessions: only those measured again stay loaded
     with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
         footprint = {"dtype": dtype, "ready_seconds": STARTUPS[server.pid],
                      "idle_rss_mb": memory_mb(server.pid)["rss_mb"]}
-        for scenario in scenarios:
+        for index, scenario in enumerate(scenarios):
             tokens_before = _token_counters(url)
-            measured = run_wrk(url, bodies[(scenario.kind, scenario.texts_per_request)],
-                               scenario.connections, seconds, server.pid)
+            first = _ceiling_first(round_number, index)
+            measured, alongside = beside_ceiling(
+                partial(run_wrk, url, bodies[(scenario.kind, scenario.texts_per_request)], scenario.connections,
+                        seconds, server.pid),
+                held.get(scenario.ceiling), seconds, first)
             real, padding = (after - before for after, before in zip(_token_counters(url), tokens_before,
                                                                         strict=True))
             texts_per_second = measured["requests"] * scenario.texts_per_request / measured["seconds"]
@@ -478,6 +545,7 @@ def run_embed(bundle: Path, dtype: str, scenarios: list[Scenario], seconds: floa
             elif scenario.ceiling == "long":
                 entry["ratio_to_ceiling"] = texts_per_second / base["long_items_per_s"]
                 entry["long"] = True
+            entry.update(_same_minutes(texts_per_second, held.get(scenario.ceiling), alongside, first))
             report["results"].append(entry)
             print(_row(entry), flush=True)
         after = memory_mb(server.pid)
@@ -594,6 +662,8 @@ def _row(entry: dict[str, Any]) -> str:
         ceiling_info = f"p50 {entry['p50_minus_ceiling_ms']:+.2f} ms vs ceiling batch 1"
     else:
         ceiling_info = "no ceiling"
+    if "ratio_same_minutes" in entry:
+        ceiling_info += f" ({entry['ratio_same_minutes']:.2f}x in the same minutes)"
     if "padding_waste" in entry:
         ceiling_info += f"  padding {entry['padding_waste']:.0%}"
     return (f"{entry['dtype']:<8} {entry['scenario']:<22} {entry['texts_per_s']:8.1f} texts/s  "
@@ -629,13 +699,15 @@ def summary(report: dict[str, Any]) -> list[str]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for entry in report["results"]:
         groups.setdefault((entry["dtype"], entry["scenario"]), []).append(entry)
+    paired = bool(report.get("same_minutes"))
     lines = [
         f"Machine: {_machine_line(report)}; "
         f"{report['seconds_per_scenario']:.0f} s per scenario; {report['rounds']} rounds (ceilings measured "
         f"again in each); median [lowest, highest] over the rounds.",
         "",
-        "| dtype | scenario | texts (pairs)/s | p50 ms | p99 ms | vs ceiling | event loop CPU per request |",
-        "|---|---|---:|---:|---:|---|---:|",
+        "| dtype | scenario | texts (pairs)/s | p50 ms | p99 ms | vs ceiling |"
+        + (" vs ceiling, same minutes |" if paired else "") + " event loop CPU per request |",
+        "|---|---|---:|---:|---:|---|" + ("---|" if paired else "") + "---:|",
     ]
 
     def spread(values: list[float], form: str) -> str:
@@ -647,22 +719,26 @@ def summary(report: dict[str, Any]) -> list[str]:
         if versus:
             unit = " ms" if "p50_minus_ceiling_ms" in entries[0] else "x"
             versus_text = spread(versus, "+.2f" if unit == " ms" else ".2f").replace(" [", f"{unit} [", 1)
+        same = [entry["ratio_same_minutes"] for entry in entries if "ratio_same_minutes" in entry]
+        same_text = (spread(same, ".2f").replace(" [", "x [", 1) if same else "-") + " | " if paired else ""
         lines.append(f"| {dtype} | {scenario} | {spread([e['texts_per_s'] for e in entries], '.0f')} | "
                      f"{spread([e['p50_ms'] for e in entries], '.2f')} | "
-                     f"{spread([e['p99_ms'] for e in entries], '.1f')} | {versus_text} | "
+                     f"{spread([e['p99_ms'] for e in entries], '.1f')} | {versus_text} | {same_text}"
                      f"{_median_loop_cpu(entries)} |")
     return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
+    paired = bool(report.get("same_minutes"))
     lines = [
         f"Machine: {_machine_line(report)}; "
         f"{report['seconds_per_scenario']:.0f} s per scenario; bundles {Path(str(report['bundle'])).name}, "
         f"{Path(str(report['reranker'])).name}.",
         "",
-        "| dtype | scenario | texts (pairs)/s | p50 ms | p90 ms | p99 ms | errors | ceiling | vs ceiling | padding "
-        "| wrk CPU | server CPU per request: event loop, other threads |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
+        "| dtype | scenario | texts (pairs)/s | p50 ms | p90 ms | p99 ms | errors | ceiling | vs ceiling | "
+        + ("ceiling in the same minutes | " if paired else "")
+        + "padding | wrk CPU | server CPU per request: event loop, other threads |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|" + ("---|" if paired else "") + "---:|---:|---:|",
     ]
     for entry in report["results"]:
         base = entry["ceiling"]
@@ -683,10 +759,17 @@ def markdown(report: dict[str, Any]) -> str:
             versus = f"{entry['p50_minus_ceiling_ms']:+.2f} ms"
         padding = f"{entry['padding_waste']:.0%}" if "padding_waste" in entry else "-"
         scenario = entry["scenario"] + (f" (round {entry['round']})" if report.get("rounds", 1) > 1 else "")
+        same = ""
+        if paired:
+            alongside = entry.get("same_minutes")
+            same = "- | " if alongside is None else (
+                f"{alongside['items_per_s']:.0f}/s {'before' if alongside['ceiling_first'] else 'after'}: "
+                f"{entry['ratio_same_minutes']:.2f}x | ")
         lines.append(
             f"| {entry['dtype']} | {scenario} | {entry['texts_per_s']:.0f} | {entry['p50_ms']:.2f} | "
             f"{entry['p90_ms']:.2f} | {entry['p99_ms']:.2f} | {entry['socket_errors'] + entry['non_2xx']} | "
-            f"{ceiling_text} | {versus} | {padding} | {entry['wrk_cpu_cores']:.2f} cores | {_server_cpu(entry)} |")
+            f"{ceiling_text} | {versus} | {same}{padding} | {entry['wrk_cpu_cores']:.2f} cores | "
+            f"{_server_cpu(entry)} |")
     if report.get("rounds", 1) > 1:
         lines = [*summary(report), "", "Every round:", "", *lines[2:]]
     if report.get("servers"):
@@ -719,10 +802,14 @@ def main() -> None:
                         help="run only the scenarios whose name contains TEXT ('rerank' for the rerank one)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run everything this many times (ceilings included) and report medians and ranges")
+    parser.add_argument("--same-minutes", action="store_true",
+                        help="also hold each throughput scenario to its best ceiling configuration measured again "
+                             "right before or after the server's window, for as long")
     args = parser.parse_args()
     bundle = None if str(args.bundle) == "none" else args.bundle
     run(bundle, args.dtype or list(DEVICE_VARIANTS[args.device]), args.seconds, args.output, args.reranker,
-        tuple(args.server_arg), args.only, max(1, args.rounds), args.device, max(1, args.ceiling_rounds))
+        tuple(args.server_arg), args.only, max(1, args.rounds), args.device, max(1, args.ceiling_rounds),
+        args.same_minutes)
 
 
 if __name__ == "__main__":

@@ -127,3 +127,73 @@ def test_interleave_gives_each_server_the_shared_settings_then_its_own() -> None
     assert (candidate.dtype, candidate.engine_sessions, candidate.engine_workers) == ("int8", 2, 2)
     baseline = serve.parse_args(arguments["baseline"])
     assert (baseline.dtype, baseline.lone_pass, "engine_sessions" in vars(baseline)) == ("float32", False, False)
+
+
+def test_a_same_minutes_ceiling_window_runs_on_the_side_asked_and_as_long(cross_encoder_bundle: Path) -> None:
+    import dataclasses
+    import time
+
+    configurations = scenarios.throughput_configurations(cross_encoder_bundle, "float32", "cpu", "rerank")
+    figures = {configuration.key: float(position) for position, configuration in enumerate(configurations)}
+    best = scenarios.best_of_each_kind(configurations, figures)
+    assert best == {"rerank": configurations[-1]}  # the highest figure, not the first or the last measured
+    figures[configurations[1].key] = 1e9
+    assert scenarios.best_of_each_kind(configurations, figures)["rerank"] is configurations[1]
+
+    events: list[tuple[str, float]] = []
+    chosen = configurations[0]
+
+    def forward(batch: object) -> object:
+        events.append(("ceiling", time.perf_counter()))
+        return chosen.forward(batch)
+
+    def drive() -> dict[str, float]:
+        events.append(("server", time.perf_counter()))
+        return {"requests": 1.0}
+
+    held = dataclasses.replace(chosen, forward=forward)
+    for ceiling_first in (True, False):
+        events.clear()
+        measured, alongside = scenarios.beside_ceiling(drive, held, 0.2, ceiling_first)
+        assert measured == {"requests": 1.0} and alongside is not None and alongside > 0
+        sides = [side for side, _ in events]
+        server_at = sides.index("server")
+        assert sides.count("server") == 1 and len(sides) > 2
+        assert set(sides[:server_at]) == ({"ceiling"} if ceiling_first else set())
+        ceiling_times = [moment for side, moment in events if side == "ceiling"]
+        assert ceiling_times[-1] - ceiling_times[0] >= 0.15  # a window of the length asked, not one pass
+        fields = scenarios._same_minutes(2 * alongside, held, alongside, ceiling_first)
+        assert fields["ratio_same_minutes"] == pytest.approx(2.0)
+        assert fields["same_minutes"] == {"configuration": chosen.key, "items_per_s": alongside,
+                                          "ceiling_first": ceiling_first}
+    assert scenarios.beside_ceiling(drive, None, 0.2, True)[1] is None
+    assert scenarios._same_minutes(1.0, None, None, True) == {}
+    assert [scenarios._ceiling_first(round_number, index) for round_number in (1, 2) for index in (0, 1)] == [
+        False, True, True, False]
+
+
+def test_the_report_shows_the_same_minutes_ratio_only_where_it_was_measured() -> None:
+    def entry(dtype: str, round_number: int, served: float, alongside: float | None) -> dict[str, object]:
+        figures: dict[str, object] = {
+            "dtype": dtype, "scenario": "32 clients x 1 text", "round": round_number, "texts_per_s": served,
+            "p50_ms": 20.0, "p90_ms": 25.0, "p99_ms": 30.0, "socket_errors": 0, "non_2xx": 0,
+            "wrk_cpu_cores": 0.1, "loop_cpu_us_per_request": 150.0, "engine_cpu_ms_per_request": 1.7,
+            "ceiling": {"batch32_items_per_s": 1000.0}, "ratio_to_ceiling": served / 1000.0}
+        if alongside is not None:
+            figures["same_minutes"] = {"configuration": "batch32_items_per_s_2_single_thread_sessions",
+                                       "items_per_s": alongside, "ceiling_first": round_number == 2}
+            figures["ratio_same_minutes"] = served / alongside
+        return figures
+
+    report = {"machine": {"cpu": "a CPU", "cores": 2}, "device": "cpu", "bundle": "b", "reranker": "r",
+              "seconds_per_scenario": 10.0, "rounds": 3, "same_minutes": True, "servers": [],
+              "results": [entry("int8", 1, 850.0, 1000.0), entry("int8", 2, 900.0, 900.0),
+                          entry("int8", 3, 800.0, 1000.0)]}
+    text = scenarios.markdown(report)
+    assert "| vs ceiling, same minutes |" in text and "| 0.85x [0.80, 0.90] | 0.85x [0.80, 1.00] |" in text
+    assert "| 1000/s after: 0.85x |" in text and "| 900/s before: 1.00x |" in text
+    plain = {**report, "same_minutes": False,
+             "results": [entry("int8", number, 850.0, None) for number in (1, 2, 3)]}
+    assert "same minutes" not in scenarios.markdown(plain)
+    assert "same minutes" not in scenarios._row(plain["results"][0])
+    assert "(0.85x in the same minutes)" in scenarios._row(report["results"][0])

@@ -90,24 +90,28 @@ def paired(bundle: Path, dtype: str, scenario: str, rounds: int, seconds: float,
         served: list[dict[str, Any]] = []
         with scenarios.serving(bundle, "--device", device, "--dtype", dtype, *server_args) as (url, server):
             scenarios.run_wrk(url, load.bodies, load.connections, 3.0, server.pid, path=load.route)  # warm-up
+
+            def drive() -> dict[str, Any]:
+                scored_before = scenarios.metric_totals(url, "embedrank_batch_size_sum")[0]
+                result = scenarios.run_wrk(url, load.bodies, load.connections, window, server.pid, path=load.route)
+                scored = scenarios.metric_totals(url, "embedrank_batch_size_sum")[0] - scored_before
+                return {"items_per_s": result["requests"] * load.items_per_request / result["seconds"],
+                        "scored_items_per_s": scored / result["seconds"], "p50_ms": result["p50_ms"],
+                        "p99_ms": result["p99_ms"], "errors": result["socket_errors"] + result["non_2xx"],
+                        "loop_us_per_request": result["loop_cpu_us_per_request"],
+                        "other_threads_ms_per_request": result["engine_cpu_ms_per_request"]}
+
             for round_number in range(rounds):
-                for side in (("ceiling", "server") if round_number % 2 == 0 else ("server", "ceiling")):
-                    if side == "ceiling":
-                        ceiling.append(configuration.measure(window))
-                        print(f"round {round_number + 1:2d} ceiling {ceiling[-1]:8.1f}/s", flush=True)
-                        continue
-                    scored_before = scenarios.metric_totals(url, "embedrank_batch_size_sum")[0]
-                    result = scenarios.run_wrk(url, load.bodies, load.connections, window, server.pid, path=load.route)
-                    scored = scenarios.metric_totals(url, "embedrank_batch_size_sum")[0] - scored_before
-                    entry = {"items_per_s": result["requests"] * load.items_per_request / result["seconds"],
-                             "scored_items_per_s": scored / result["seconds"], "p50_ms": result["p50_ms"],
-                             "p99_ms": result["p99_ms"], "errors": result["socket_errors"] + result["non_2xx"],
-                             "loop_us_per_request": result["loop_cpu_us_per_request"],
-                             "other_threads_ms_per_request": result["engine_cpu_ms_per_request"]}
-                    served.append(entry)
-                    print(f"round {round_number + 1:2d} server  {entry['items_per_s']:8.1f}/s answered, "
-                          f"{entry['scored_items_per_s']:8.1f}/s scored, p50 {entry['p50_ms']:.1f} ms, "
-                          f"errors {entry['errors']}", flush=True)
+                ceiling_first = round_number % 2 == 0
+                entry, alongside = scenarios.beside_ceiling(drive, configuration, window, ceiling_first)
+                assert alongside is not None
+                ceiling.append(alongside)
+                served.append(entry)
+                lines = [f"round {round_number + 1:2d} ceiling {alongside:8.1f}/s",
+                         f"round {round_number + 1:2d} server  {entry['items_per_s']:8.1f}/s answered, "
+                         f"{entry['scored_items_per_s']:8.1f}/s scored, p50 {entry['p50_ms']:.1f} ms, "
+                         f"errors {entry['errors']}"]
+                print("\n".join(lines if ceiling_first else lines[::-1]), flush=True)
     summary = summarize(ceiling, [entry["items_per_s"] for entry in served], target)
     machine = {"cpu": scenarios._cpu_name(), "cores": len(os.sched_getaffinity(0)),
                "gpu": scenarios._gpu_name() if device == "cuda" else None}

@@ -305,15 +305,15 @@ def run_rerank(bundle: Path, dtypes: list[str], seconds: float, report: dict[str
         held = best_of_each_kind(configurations, base)["rerank"] if same_minutes else None
         del configurations  # the others' sessions: only the one measured again stays loaded
         window = seconds * RERANK_WINDOW_FACTOR
+        first = _ceiling_first(round_number, index)
         with serving(bundle, "--dtype", dtype, *server_args) as (url, server):
             measured, alongside = beside_ceiling(
-                partial(run_wrk, url, bodies, RERANK_CLIENTS, window, server.pid, path="/rerank"),
-                held, window, _ceiling_first(round_number, index))
+                partial(run_wrk, url, bodies, RERANK_CLIENTS, window, server.pid, path="/rerank"), held, window, first)
         pairs_per_second = measured["requests"] * RERANK_DOCUMENTS / measured["seconds"]
         entry = {"dtype": dtype, "scenario": "rerank 8 clients x (1 query + 20 docs of ~100 tokens)",
                  "texts_per_s": pairs_per_second, **measured, "ceiling": base, "rerank": True,
                  "ratio_to_ceiling": pairs_per_second / base["pairs_per_s"],
-                 **_same_minutes(pairs_per_second, held, alongside, _ceiling_first(round_number, index))}
+                 **_same_minutes(pairs_per_second, held, alongside, first)}
         report["results"].append(entry)
         print(_row(entry), flush=True)
 

@@ -219,9 +219,9 @@ def ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
         for configuration in configurations:
             result[configuration.key] = max(result.get(configuration.key, 0.0), configuration.measure(seconds))
     result["batch1_p50_ms"] = min(result[f"batch1_p50_ms_{label}"] for label in single_configs)
+    best = best_of_each_kind(configurations, result)
     for kind in ("batch32", "long"):
-        result[f"{kind}_items_per_s"] = max(result[configuration.key] for configuration in configurations
-                                            if configuration.kind == kind)
+        result[f"{kind}_items_per_s"] = result[best[kind].key]
     result["long_tokens_per_text"] = float(next(configuration.tokens_per_item for configuration in configurations
                                                 if configuration.kind == "long"))
     return result
@@ -253,7 +253,7 @@ def rerank_ceiling(bundle: Path, variant: str, seconds: float, device: Device = 
     for _ in range(rounds):
         for configuration in configurations:
             result[configuration.key] = max(result.get(configuration.key, 0.0), configuration.measure(seconds))
-    result["pairs_per_s"] = max(result[configuration.key] for configuration in configurations)
+    result["pairs_per_s"] = result[best_of_each_kind(configurations, result)["rerank"].key]
     result["tokens_per_pair"] = configurations[0].tokens_per_item
     return result
 

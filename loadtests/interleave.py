@@ -10,8 +10,9 @@ cannot resolve a change of 5-10%. Here a server of each version (`--baseline`, a
 this repository, and `--candidate`, this one by default) is started at the same time, both are warmed
 up, and each round drives one and then the other with wrk for `--seconds`, the order swapped every
 round so that neither always goes first. Each run prints texts (pairs)/s, p50, the forward passes'
-mean size and the server's CPU per request (event loop, other threads); the summary gives both means,
-their ratio and in how many rounds the candidate was ahead. Both servers run this interpreter with
+mean size, the share of the tokens they computed that was padding, and the server's CPU per request
+(event loop, other threads); the summary gives both means, their ratio and in how many rounds the
+candidate was ahead. Both servers run this interpreter with
 the same arguments (`--server-arg`, repeatable) and each its own (`--baseline-arg`, `--candidate-arg`),
 so two settings compare on one checkout too (`--baseline .`); the idle one costs nothing while the
 other runs.
@@ -31,17 +32,26 @@ from loadtests import run as scenarios
 
 
 def _pass_counters(url: str) -> tuple[float, ...]:
-    """(items, forward passes) so far."""
-    return scenarios.metric_totals(url, "embedrank_batch_size_sum", "embedrank_batch_size_count")
+    """(items, forward passes, real tokens, padding tokens) so far."""
+    return scenarios.metric_totals(url, "embedrank_batch_size_sum", "embedrank_batch_size_count",
+                                   "embedrank_tokens_total", "embedrank_padding_tokens_total")
+
+
+def pass_figures(before: tuple[float, ...], after: tuple[float, ...]) -> dict[str, float]:
+    """Items per forward pass and the share of computed tokens that were padding, between two readings
+    of `_pass_counters`: a change in how passes are cut can trade one for the other (more texts a pass,
+    but texts of more different lengths padded to the longest)."""
+    items, passes, real, padding = (later - earlier for later, earlier in zip(after, before, strict=True))
+    return {"items": items, "items_per_pass": items / max(1.0, passes),
+            "padding_waste": padding / (real + padding) if real + padding else 0.0}
 
 
 def measure(url: str, pid: int, bodies: Path, connections: int, route: str, seconds: float) -> dict[str, Any]:
-    items_before, passes_before = _pass_counters(url)
+    before = _pass_counters(url)
     result = scenarios.run_wrk(url, bodies, connections, seconds, pid, path=route)
-    items_after, passes_after = _pass_counters(url)
-    items = items_after - items_before
-    return {"items_per_s": items / result["seconds"], "p50_ms": result["p50_ms"],
-            "items_per_pass": items / max(1.0, passes_after - passes_before),
+    passes = pass_figures(before, _pass_counters(url))
+    return {"items_per_s": passes["items"] / result["seconds"], "p50_ms": result["p50_ms"],
+            "items_per_pass": passes["items_per_pass"], "padding_waste": passes["padding_waste"],
             "loop_us_per_request": result["loop_cpu_us_per_request"],
             "other_threads_ms_per_request": result["engine_cpu_ms_per_request"],
             "errors": result["socket_errors"] + result["non_2xx"]}
@@ -66,7 +76,8 @@ def interleave(baseline: Path, candidate: Path, bundle: Path, scenario: str, run
                 entry = measure(url, server.pid, bodies, connections, route, seconds)
                 measured[name].append(entry)
                 print(f"round {round_number + 1:2d} {name:9s} {entry['items_per_s']:8.1f}/s  p50 "
-                      f"{entry['p50_ms']:8.2f} ms  {entry['items_per_pass']:5.1f} per pass  loop "
+                      f"{entry['p50_ms']:8.2f} ms  {entry['items_per_pass']:5.1f} per pass  padding "
+                      f"{entry['padding_waste']:4.0%}  loop "
                       f"{entry['loop_us_per_request']:6.0f} us  other threads "
                       f"{entry['other_threads_ms_per_request']:7.3f} ms  errors {entry['errors']}", flush=True)
     means = {name: statistics.mean(entry["items_per_s"] for entry in entries) for name, entries in measured.items()}

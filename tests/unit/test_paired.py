@@ -197,3 +197,28 @@ def test_the_report_shows_the_same_minutes_ratio_only_where_it_was_measured() ->
     assert "same minutes" not in scenarios.markdown(plain)
     assert "same minutes" not in scenarios._row(plain["results"][0])
     assert "(0.85x in the same minutes)" in scenarios._row(report["results"][0])
+
+
+def test_interleave_reads_pass_size_and_padding_from_a_real_servers_counters(bge_style_bundle: Path) -> None:
+    """Two texts of different lengths in one request run as one pass of two, the shorter padded to the
+    longer; the figures come from the server's own /metrics, read the way each wrk run reads them."""
+    import httpx
+
+    from loadtests import interleave
+    from service.core.registry import ServedModel
+    from service.engines.bundle import BundleModel
+    from tests.api.test_http_lane import serving
+
+    model = ServedModel(name="tiny-bge", bundle=BundleModel(bge_style_bundle), variant="float32", device="cpu")
+    texts = ["short", "a much longer text with many more words in it than the other one"]
+    with serving([model], engine_workers=1, inline_pass_tokens=0, warmup=False) as served:
+        url = f"http://127.0.0.1:{served.port}"
+        before = interleave._pass_counters(url)
+        lengths = [len(item) for item in httpx.post(url + "/tokenize", json={"inputs": texts}).json()]
+        response = httpx.post(url + "/embed", json={"inputs": texts})
+        assert response.status_code == 200
+        figures = interleave.pass_figures(before, interleave._pass_counters(url))
+    assert lengths[0] < lengths[1]
+    assert figures["items"] == 2 and figures["items_per_pass"] == 2
+    assert figures["padding_waste"] == pytest.approx((lengths[1] - lengths[0]) / (2 * lengths[1]))
+    assert interleave.pass_figures(before, before) == {"items": 0, "items_per_pass": 0, "padding_waste": 0}

@@ -12,10 +12,9 @@ up, and each round drives one and then the other with wrk for `--seconds`, the o
 round so that neither always goes first. Each run prints texts (pairs)/s, p50, the forward passes'
 mean size, the share of the tokens they computed that was padding, and the server's CPU per request
 (event loop, other threads); the summary gives both means, their ratio and in how many rounds the
-candidate was ahead. Both servers run this interpreter with
-the same arguments (`--server-arg`, repeatable) and each its own (`--baseline-arg`, `--candidate-arg`),
-so two settings compare on one checkout too (`--baseline .`); the idle one costs nothing while the
-other runs.
+candidate was ahead. Both servers run this interpreter with the same arguments (`--server-arg`,
+repeatable) and each its own (`--baseline-arg`, `--candidate-arg`), so two settings compare on one
+checkout too (`--baseline .`); the idle one costs nothing while the other runs.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ def pass_figures(before: tuple[float, ...], after: tuple[float, ...]) -> dict[st
     but texts of more different lengths padded to the longest)."""
     items, passes, real, padding = (later - earlier for later, earlier in zip(after, before, strict=True))
     return {"items": items, "items_per_pass": items / max(1.0, passes),
-            "padding_waste": padding / (real + padding) if real + padding else 0.0}
+            "padding_waste": scenarios.padding_share(real, padding)}
 
 
 def measure(url: str, pid: int, bodies: Path, connections: int, route: str, seconds: float) -> dict[str, Any]:

@@ -426,6 +426,11 @@ def _token_counters(url: str) -> tuple[float, ...]:
     return metric_totals(url, "embedrank_tokens_total", "embedrank_padding_tokens_total")
 
 
+def padding_share(real: float, padding: float) -> float:
+    """The share of the tokens computed that were padding (0 when none were computed)."""
+    return padding / (real + padding) if real + padding else 0.0
+
+
 def run_wrk(url: str, bodies: Path, connections: int, seconds: float, server_pid: int,
             path: str = "/embed") -> dict[str, Any]:
     before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -535,7 +540,7 @@ def run_embed(bundle: Path, dtype: str, scenarios: list[Scenario], seconds: floa
             texts_per_second = measured["requests"] * scenario.texts_per_request / measured["seconds"]
             entry = {"dtype": dtype, "scenario": scenario.name, "connections": scenario.connections,
                      "sweep": scenario.sweep, "texts_per_s": texts_per_second, **measured, "ceiling": base,
-                     "padding_waste": padding / (real + padding) if real + padding else 0.0,
+                     "padding_waste": padding_share(real, padding),
                      "tokens_per_text": real / max(1, measured["requests"] * scenario.texts_per_request)}
             if scenario.ceiling == "batch1":
                 entry["target"] = "p50 <= ceiling batch-1 + 1.5 ms"

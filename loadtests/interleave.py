@@ -14,7 +14,8 @@ mean size, the share of the tokens they computed that was padding, and the serve
 (event loop, other threads); the summary gives both means, their ratio and in how many rounds the
 candidate was ahead. Both servers run this interpreter with the same arguments (`--server-arg`,
 repeatable) and each its own (`--baseline-arg`, `--candidate-arg`), so two settings compare on one
-checkout too (`--baseline .`); the idle one costs nothing while the other runs.
+checkout too (`--baseline .`), and so do two exports of a model (`--baseline-bundle` for the baseline's
+server); the idle one costs nothing while the other runs.
 """
 
 from __future__ import annotations
@@ -57,14 +58,16 @@ def measure(url: str, pid: int, bodies: Path, connections: int, route: str, seco
 
 
 def interleave(baseline: Path, candidate: Path, bundle: Path, scenario: str, runs: int, seconds: float,
-               arguments: dict[str, tuple[str, ...]]) -> dict[str, Any]:
-    """`arguments["baseline"]` and `arguments["candidate"]`: each server's settings (see `server_arguments`)."""
+               arguments: dict[str, tuple[str, ...]], baseline_bundle: Path | None = None) -> dict[str, Any]:
+    """`arguments["baseline"]` and `arguments["candidate"]`: each server's settings (see `server_arguments`);
+    `baseline_bundle`: the bundle the baseline's server serves instead of `bundle` (two exports compared)."""
     versions = {"baseline": baseline.resolve(), "candidate": candidate.resolve()}
+    bundles = {"baseline": baseline_bundle or bundle, "candidate": bundle}
     measured: dict[str, list[dict[str, Any]]] = {name: [] for name in versions}
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
         load = scenarios.scenario_load(scenario, Path(scratch))
         bodies, connections, route = load.bodies, load.connections, load.route
-        servers = {name: stack.enter_context(scenarios.serving(bundle, *arguments[name], checkout=checkout))
+        servers = {name: stack.enter_context(scenarios.serving(bundles[name], *arguments[name], checkout=checkout))
                    for name, checkout in versions.items()}
         for url, server in servers.values():
             scenarios.run_wrk(url, bodies, connections, min(3.0, seconds), server.pid, path=route)
@@ -83,7 +86,7 @@ def interleave(baseline: Path, candidate: Path, bundle: Path, scenario: str, run
     ahead = sum(new["items_per_s"] > old["items_per_s"]
                 for old, new in zip(measured["baseline"], measured["candidate"], strict=True))
     return {"scenario": scenario, "server_args": {name: list(arguments[name]) for name in versions},
-            "seconds": seconds, "runs": measured,
+            "bundles": {name: str(path) for name, path in bundles.items()}, "seconds": seconds, "runs": measured,
             "mean_items_per_s": means, "ratio": means["candidate"] / means["baseline"], "candidate_ahead": ahead,
             "loop_us_per_request": {name: statistics.mean(entry["loop_us_per_request"] for entry in entries)
                                     for name, entries in measured.items()}}
@@ -102,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--candidate", type=Path, default=Path("."), help="the checkout to compare (this one)")
     parser.add_argument("--bundle", type=Path, default=Path("models/all-MiniLM-L6-v2"),
                         help="the bundle both serve (a cross-encoder for the rerank scenario)")
+    parser.add_argument("--baseline-bundle", type=Path,
+                        help="a bundle for the baseline's server instead of --bundle: two exports of a model "
+                             "compared on one checkout (--baseline .)")
     parser.add_argument("--dtype", default="int8")
     parser.add_argument("--scenario", default="32 clients x 1 text",
                         help="a scenario name of loadtests.run, or 'rerank'")
@@ -122,7 +128,7 @@ def main() -> None:
     if options.runs < 1:
         raise SystemExit("--runs must be at least 1")
     report = interleave(options.baseline, options.candidate, options.bundle, options.scenario, options.runs,
-                        options.seconds, server_arguments(options))
+                        options.seconds, server_arguments(options), options.baseline_bundle)
     means = report["mean_items_per_s"]
     print(f"baseline {means['baseline']:.1f}/s, candidate {means['candidate']:.1f}/s: {report['ratio']:.3f}x, "
           f"candidate ahead in {report['candidate_ahead']} of {options.runs} rounds; loop "

@@ -116,6 +116,9 @@ def test_interleave_gives_each_server_the_shared_settings_then_its_own() -> None
     options = interleave.build_parser().parse_args([
         "--baseline", ".", "--dtype", "float32", "--server-arg=--engine-workers=2",
         "--candidate-arg=--engine-sessions=2", "--candidate-arg=--dtype=int8", "--baseline-arg=--lone-pass=false"])
+    assert options.baseline_bundle is None  # both serve --bundle unless told otherwise
+    assert interleave.build_parser().parse_args(
+        ["--baseline", ".", "--baseline-bundle", "/tmp/older-export"]).baseline_bundle == Path("/tmp/older-export")
     arguments = interleave.server_arguments(options)
     assert arguments == {
         "baseline": ("--dtype", "float32", "--engine-workers=2", "--lone-pass=false"),

@@ -11,8 +11,8 @@ token of every text in the batch). Two kinds of outliers break that:
   calibration texts that the accuracy check never sees.
 - GELU outputs (the inputs of the FFN output projection) carry outlier tokens. There the MatMul is
   quantized blockwise (ONNX Runtime's MatMulNBits with 8-bit weights and int8 compute), which
-  quantizes activations per row and per block of 128 input channels, so one token's outlier no longer
-  flattens every other token.
+  quantizes activations per row and per block of input channels (256 first, which runs faster, then
+  128), so one token's outlier no longer flattens every other token.
 
 The candidates go from fastest to most exact; attention-score MatMuls (activation x activation)
 always stay fp32 (MatMulConstBOnly).
@@ -34,6 +34,14 @@ from exporters.errors import MissingExtraError
 from service.engines.tokenizer import EncodedBatch
 
 BLOCK_SIZE = 128
+# The first blockwise candidate quantizes the FFN output projections in blocks of this many input channels:
+# ONNX Runtime's MatMulNBits runs wider blocks faster. Measured for all-MiniLM-L6-v2 on the 2-core Zen 4
+# EPYC (AVX-512 VNNI), against blocks of 128: the FFN output MatMul alone (104 x 1,536 by 1,536 x 384)
+# 569 against 631 us; the whole int8 model, two single-threaded passes at once in alternated windows,
+# 1.044x at batch 1, 1.059x at batch 8, 1.050x at batch 32 and 1.036x for 4 texts of 256 tokens; its
+# accuracy 0.9987 mean cosine / 0.954 top-10 overlap against 0.9988 / 0.952. Where wider blocks miss the
+# target, the search goes on to blocks of 128.
+WIDE_BLOCK_SIZE = 256
 # Smoothing strengths tried for each smoothed candidate; the one whose outputs on the calibration
 # texts agree best with fp32 is used (SmoothQuant's migration strength).
 SMOOTH_ALPHAS = (0.5, 0.6, 0.7)
@@ -119,6 +127,9 @@ def projections(model_path: Path, hidden_size: int) -> Projections:
 def candidates(found: Projections) -> list[QuantCandidate]:
     plan = [QuantCandidate("per-channel")]
     if found.ffn_out:
+        plan.append(QuantCandidate(f"smoothed, FFN output blockwise in blocks of {WIDE_BLOCK_SIZE}",
+                                   smooth_alpha=SMOOTH_ALPHAS[0], alpha_choices=SMOOTH_ALPHAS,
+                                   blockwise_nodes=list(found.ffn_out), block_size=WIDE_BLOCK_SIZE))
         plan.append(QuantCandidate("smoothed, FFN output blockwise", smooth_alpha=SMOOTH_ALPHAS[0],
                                    alpha_choices=SMOOTH_ALPHAS, blockwise_nodes=list(found.ffn_out)))
     if found.ffn_in:

@@ -49,8 +49,13 @@ def test_projections_are_found_by_weight_shape(raw_export: Path) -> None:
     assert all("intermediate" in name for name in found.ffn_in)
     assert all("output/dense" in name and "attention" not in name for name in found.ffn_out)
     assert len(found.all) == 12  # Q, K, V, attention output, FFN in, FFN out per layer
-    names = [candidate.name for candidate in quantize.candidates(found)]
+    plan = quantize.candidates(found)
+    names = [candidate.name for candidate in plan]
     assert names[0] == "per-channel" and names[-1] == "all MatMuls blockwise"
+    # The FFN output projections blockwise: wider blocks (faster) first, then the narrower, more exact ones.
+    assert [(candidate.blockwise_nodes, candidate.block_size) for candidate in plan[1:3]] == [
+        (found.ffn_out, quantize.WIDE_BLOCK_SIZE), (found.ffn_out, quantize.BLOCK_SIZE)]
+    assert quantize.WIDE_BLOCK_SIZE > quantize.BLOCK_SIZE
 
 
 def test_smoothing_changes_nothing_in_fp32(raw_export: Path, tmp_path: Path) -> None:
@@ -77,8 +82,12 @@ def test_each_candidate_writes_a_close_int8_model(raw_export: Path, tmp_path: Pa
     found = quantize.projections(raw_export, hidden_size=32)
     for index, candidate in enumerate(quantize.candidates(found)):
         output = quantize.quantize(raw_export, tmp_path / f"int8_{index}.onnx", candidate, False, ranges)
-        ops = [node.op_type for node in onnx.load(str(output)).graph.node]
+        nodes = onnx.load(str(output)).graph.node
+        ops = [node.op_type for node in nodes]
         assert ops.count("MatMulNBits") == len(candidate.blockwise_nodes), candidate.name
+        blocks = [onnx.helper.get_attribute_value(attribute) for node in nodes if node.op_type == "MatMulNBits"
+                  for attribute in node.attribute if attribute.name == "block_size"]
+        assert blocks == [candidate.block_size] * len(candidate.blockwise_nodes), candidate.name
         # Everything that is not blockwise is dynamic int8; attention-score MatMuls stay fp32.
         assert ops.count("MatMulNBits") + ops.count("MatMulInteger") == 12, candidate.name
         assert not list(tmp_path.glob("*.stage.onnx*"))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 import exporters
-from exporters import onnx_export, probes, validate
+from exporters import onnx_export, probes, shapes, validate
 from exporters.atomic import staged_directory
 from exporters.errors import ExportFailure, ExportInputError
 from exporters.int8_search import Int8Search
@@ -183,7 +183,7 @@ class _Exporter:
             return self.variant_record(path, variant, optimization, metrics, bars, ok), model
 
         # fp32: the raw export must match torch before anything is derived from it.
-        raw_record, _ = check(raw, "float32", "none")
+        raw_record, raw_model = check(raw, "float32", "none")
         if not raw_record.passed and not options.force:
             raise ExportFailure(f"fp32 export does not match the source model: {raw_record.parity} "
                                 f"(bar {raw_record.bars}); nothing was written")
@@ -202,7 +202,9 @@ class _Exporter:
 
         if options.int8:
             self.progress.stage("quantize", "int8 configuration search")
-            self._int8(source, raw, bundle, scratch, fp32_model, tokenizer_file, dense, variants)
+            int8_source, static_shapes = self._int8_source(raw, raw_model, inputs, check)
+            self._int8(source, int8_source, bundle, scratch, fp32_model, tokenizer_file, dense, variants,
+                       static_shapes)
         else:
             self.progress.stage("quantize", "skipped (no --int8)")
 
@@ -255,8 +257,28 @@ class _Exporter:
                 raise ExportFailure(f"graph optimization {level} breaks parity: {record.parity}")
         return raw, raw_record
 
+    def _int8_source(self, raw: Path, raw_model: BundleModel, inputs: list[TextOrPair],
+                     check: Callable[[Path, str, str], tuple[Variant, BundleModel]]) -> tuple[Path, int]:
+        """The graph the int8 search quantizes and how many shape values were made static in it: the raw
+        export with its run-time shape arithmetic taken out (exporters.shapes) when its outputs are the raw
+        export's on the probe inputs, else the raw export itself (0)."""
+        target = raw.with_name(f"{raw.stem}_static_shapes.onnx")  # beside any weight files it refers to
+        try:
+            replaced = shapes.simplify_file(raw, target)
+            _, model = check(target, "float32", "none")
+            ours, theirs = validate.model_outputs(model, inputs), validate.model_outputs(raw_model, inputs)
+        except Exception as error:  # shape inference can fail on unusual graphs: quantize the raw export
+            self.progress.note(f"int8 source: shapes left as exported ({type(error).__name__}: {error})"[:300])
+            return raw, 0
+        if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-4, atol=1e-5):
+            self.progress.note("int8 source: shapes left as exported (the static-shape graph's outputs differ)")
+            return raw, 0
+        self.progress.note(f"int8 source: {replaced} shape values made static")
+        return target, replaced
+
     def _int8(self, source: SourceModel, raw: Path, bundle: Path, scratch: Path, fp32_model: BundleModel,
-              tokenizer_file: Path, dense: list[DenseLayer], variants: dict[str, Variant]) -> None:
+              tokenizer_file: Path, dense: list[DenseLayer], variants: dict[str, Variant],
+              static_shapes: int = 0) -> None:
         bars = validate.bars_for("int8", source.task, self.options.bar_overrides)
 
         def load_int8(path: Path) -> BundleModel:
@@ -270,7 +292,7 @@ class _Exporter:
         final = bundle / "model_int8.onnx"
         shutil.copyfile(path, final)
         record = self.variant_record(final, "int8", "none", metrics, bars, validate.passes(metrics, bars))
-        record.quantization = search.record(metrics)
+        record.quantization = {**search.record(metrics), "static_shape_values": static_shapes}
         self._admit("int8", record, final, variants)
 
     @staticmethod

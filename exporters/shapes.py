@@ -48,16 +48,29 @@ def _dims(model: Any) -> dict[str, list[int | str | None]]:
     return shapes
 
 
+_SMALL = 64  # elements: shape arguments are a few integers
+
+
+def _int64_type() -> int:
+    return int(_onnx().TensorProto.INT64)
+
+
+def _small_integers(tensor: Any) -> bool:
+    return bool(tensor.data_type == _int64_type() and int(np.prod(tensor.dims)) <= _SMALL)
+
+
 class _Graph:
     def __init__(self, model: Any) -> None:
         from onnx import numpy_helper
 
         self.model = model
         self.producer = {output: node for node in model.graph.node for output in node.output}
-        self.constants: dict[str, np.ndarray] = {init.name: numpy_helper.to_array(init)
-                                                 for init in model.graph.initializer}
+        # Only small integer tensors can be shape arguments; weights (maybe in side files) are not read.
+        self.constants: dict[str, np.ndarray] = {
+            init.name: numpy_helper.to_array(init) for init in model.graph.initializer if _small_integers(init)}
         for node in model.graph.node:
-            if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            if (node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"
+                    and _small_integers(node.attribute[0].t)):
                 self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
 
     def dimension_read(self, tensor: str) -> tuple[str, int] | None:
@@ -73,7 +86,6 @@ class _Graph:
         if shape is None or shape.op_type != "Shape" or shape.attribute or index is None or index.size != 1:
             return None
         return shape.input[0], int(index.reshape(-1)[0])
-
 
     def static_read(self, node: Any, dims: dict[str, list[int | str | None]]) -> np.ndarray | None:
         """The value of a Gather or Slice of Shape(x) when every dimension it reads is static in x."""

@@ -95,9 +95,12 @@ def write_tokenizer(source: SourceModel, bundle_dir: Path) -> Path:
     return target
 
 
-def optimize_graph(raw_model: Path, level: str, output: Path, num_heads: int, hidden_size: int) -> Path:
+def optimize_graph(raw_model: Path, level: str, output: Path, num_heads: int, hidden_size: int,
+                   skip_layer_norm: bool = True) -> Path:
     """Write a graph-optimized copy: O1 = ONNX Runtime basic rewrites (portable across providers),
-    O2 = O1 plus transformer fusions (attention, layer norm, GELU) from onnxruntime.transformers."""
+    O2 = O1 plus transformer fusions (attention, layer norm, GELU) from onnxruntime.transformers.
+    `skip_layer_norm=False` leaves each residual Add and its LayerNormalization apart (the CPU's
+    choice: see service.engines.ort_engine.disabled_optimizers); the CUDA provider fuses them itself."""
     import onnxruntime as ort
 
     external = bool(external_data_files(raw_model))
@@ -110,12 +113,15 @@ def optimize_graph(raw_model: Path, level: str, output: Path, num_heads: int, hi
         ort.InferenceSession(str(raw_model), options, providers=["CPUExecutionProvider"])
         return output
     if level == "O2":
+        from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
+        fusions = FusionOptions("bert")
+        fusions.enable_skip_layer_norm = fusions.enable_bias_skip_layer_norm = skip_layer_norm
         with _quiet():
             optimized = optimize_model(
                 str(raw_model), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                opt_level=1, use_gpu=False,
+                opt_level=1, use_gpu=False, optimization_options=fusions,
             )
             # Over 2 GB the weights go to `<output>.data` beside the model.
             optimized.save_model_to_file(str(output), use_external_data_format=external)

@@ -209,7 +209,7 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
                                  session_config=replace(session_config, intra_op_threads=layout.intra_op_threads),
                                  manifest=manifest, lone_session_config=replace(
                                      session_config, intra_op_threads=layout.lone_threads, allow_spinning=True,
-                                     spin_microseconds=0) if layout.lone_threads else None,
+                                     spin_microseconds=0, skip_layer_norm_fusion=True) if layout.lone_threads else None,
                                  sessions=layout.sessions)
         except (EngineError, KeyError, ValueError, OSError) as error:
             raise StartupError(f"cannot load {directory}: {error}") from None

@@ -65,6 +65,18 @@ def test_minilm_bundle_manifest_and_parity(minilm_bundle: Path, minilm_source: P
 
         ops = [node.op_type for node in onnx.load(str(minilm_bundle / int8.file)).graph.node]
         assert ops.count("MatMulNBits") == len(int8.quantization["blockwise_nodes"])
+    import onnx
+
+    # fp32 (O2) keeps each residual Add and its LayerNormalization apart for the CPU; fp16, for CUDA, fuses
+    # them; the int8 graph is quantized from the export with its shape arithmetic made static.
+    def ops(variant: str) -> set[str]:
+        return {node.op_type for node in onnx.load(str(minilm_bundle / manifest.variants[variant].file)).graph.node}
+
+    assert {"Attention", "LayerNormalization"} <= ops("float32") and "SkipLayerNormalization" not in ops("float32")
+    assert {"Attention", "SkipLayerNormalization"} <= ops("float16")
+    assert int8.quantization["static_shape_values"] == 30
+    int8_graph = onnx.load(str(minilm_bundle / int8.file)).graph
+    assert sum(node.op_type == "Shape" for node in int8_graph.node) <= 4  # 22 as exported
     assert manifest.exporter["libraries"]["onnxruntime"]
     assert manifest.tokenizer["sha256"] == sha256_file(minilm_bundle / "tokenizer.json")
     # What the server will compute equals sentence-transformers on texts outside the probe set.

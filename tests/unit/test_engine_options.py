@@ -216,3 +216,39 @@ def test_float16_on_cuda_keeps_away_from_cudnn_attention() -> None:
         assert variant_session_config(variant, device, None) is None
         assert "sdpa_kernel" not in cuda_provider_options(variant_session_config(variant, device, None)
                                                           or SessionConfig())
+
+
+def test_skip_layer_norm_fusion_is_off_for_load_and_on_for_lone_requests(bge_style_bundle: Path,
+                                                                          tmp_path: Path) -> None:
+    """The sessions that serve load run without ONNX Runtime's SkipLayerNormalization fusion (slower on
+    CPUs for passes of several texts); the lone-pass session and CUDA keep it. The optimizer's name is
+    checked against ONNX Runtime itself: the graph it optimizes keeps LayerNormalization apart with it."""
+    import onnx
+    import onnxruntime as ort
+
+    from service.config import Settings
+    from service.core.loading import load_configured
+    from service.engines.ort_engine import SKIP_LAYER_NORM_FUSION, SessionConfig, disabled_optimizers, session_options
+
+    assert disabled_optimizers(SessionConfig(), "cpu") == [SKIP_LAYER_NORM_FUSION]
+    assert disabled_optimizers(SessionConfig(skip_layer_norm_fusion=True), "cpu") == []
+    assert disabled_optimizers(SessionConfig(), "cuda") == []
+
+    def optimized_ops(config: SessionConfig) -> set[str]:
+        options = session_options(config)
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(bge_style_bundle / "model.onnx"), options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled_optimizers(config, "cpu"))
+        return {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+
+    # The exported fp32 graph leaves them apart; ONNX Runtime fuses them when loading unless told not to.
+    exported = {node.op_type for node in onnx.load(str(bge_style_bundle / "model.onnx")).graph.node}
+    assert "LayerNormalization" in exported and "SkipLayerNormalization" not in exported and "Attention" in exported
+    apart = optimized_ops(SessionConfig(intra_op_threads=1))
+    assert "LayerNormalization" in apart and "SkipLayerNormalization" not in apart
+    assert "SkipLayerNormalization" in optimized_ops(SessionConfig(intra_op_threads=1, skip_layer_norm_fusion=True))
+
+    registry = load_configured(Settings(model_id=[str(bge_style_bundle)], lone_pass=True, warmup=False))  # type: ignore[call-arg]
+    engine = registry.models[0].bundle.engine  # type: ignore[attr-defined]
+    assert engine.has_lone_session
+    assert engine.disabled_optimizers == [SKIP_LAYER_NORM_FUSION] and engine.lone_disabled_optimizers == []

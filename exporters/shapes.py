@@ -63,7 +63,6 @@ class _Graph:
     def __init__(self, model: Any) -> None:
         from onnx import numpy_helper
 
-        self.model = model
         self.producer = {output: node for node in model.graph.node for output in node.output}
         # Only small integer tensors can be shape arguments; weights (maybe in side files) are not read.
         self.constants: dict[str, np.ndarray] = {

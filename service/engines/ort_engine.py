@@ -57,7 +57,7 @@ class SessionConfig:
     # choice). See FP16_ATTENTION_KERNELS.
     cuda_attention_kernels: int = 0
     # On CPU, let ONNX Runtime fuse each residual Add and its LayerNormalization into SkipLayerNormalization
-    # (see skip_layer_norm_fusion_off). Always on for CUDA.
+    # (see disabled_optimizers below). Always on for CUDA.
     skip_layer_norm_fusion: bool = False
 
 

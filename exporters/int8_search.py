@@ -50,6 +50,7 @@ class Int8Search:
         self.tried: list[dict[str, Any]] = []
         self.chosen: quantize.QuantCandidate | None = None
         self._ranges: dict[str, Any] | None = None
+        self._rowwise_inputs: dict[str, quantize.RowwiseInput] = {}
         self._calibration_reference: np.ndarray | None = None
 
     def run(self) -> tuple[Path, dict[str, float]]:
@@ -104,16 +105,25 @@ class Int8Search:
     def _write(self, candidate: quantize.QuantCandidate, path: Path, alpha: float | None) -> BundleModel:
         candidate.smooth_alpha = alpha
         ranges = self._activation_ranges() if alpha is not None else None
-        quantize.quantize(self.raw, path, candidate, self.reduce_range, ranges)
+        inputs = self._inputs(candidate.rowwise_nodes) if candidate.rowwise_nodes else None
+        quantize.quantize(self.raw, path, candidate, self.reduce_range, ranges, inputs)
         return self.load_int8(path)
+
+    def _calibration_batches(self) -> list[Any]:
+        tokenizer = self.fp32_model.tokenizer
+        return [tokenizer.pad(tokenizer.encode(self.calibration[start:start + CALIBRATION_BATCH]))
+                for start in range(0, len(self.calibration), CALIBRATION_BATCH)]
 
     def _activation_ranges(self) -> dict[str, Any]:
         if self._ranges is None:
-            tokenizer = self.fp32_model.tokenizer
-            batches = [tokenizer.pad(tokenizer.encode(self.calibration[start:start + CALIBRATION_BATCH]))
-                       for start in range(0, len(self.calibration), CALIBRATION_BATCH)]
-            self._ranges = quantize.activation_ranges(self.raw, batches)
+            self._ranges = quantize.activation_ranges(self.raw, self._calibration_batches())
         return self._ranges
+
+    def _inputs(self, nodes: list[str]) -> dict[str, quantize.RowwiseInput]:
+        missing = [node for node in nodes if node not in self._rowwise_inputs]
+        if missing:
+            self._rowwise_inputs.update(quantize.rowwise_inputs(self.raw, missing, self._calibration_batches()))
+        return {node: self._rowwise_inputs[node] for node in nodes if node in self._rowwise_inputs}
 
     def _calibration_outputs(self) -> np.ndarray:
         if self._calibration_reference is None:
@@ -142,6 +152,9 @@ class Int8Search:
         if candidate.blockwise_nodes:
             weights += f"; blockwise MatMuls: int8 per block of {candidate.block_size} input channels"
             activations += f"; blockwise MatMuls: int8 per row and block of {candidate.block_size} (dynamic)"
+        if candidate.rowwise_nodes:
+            weights += "; rowwise MatMuls: int8 per output channel, rounded against calibration inputs (GPTQ)"
+            activations += "; rowwise MatMuls: uint8 per row, from the input's floor (dynamic)"
         smoothing = None
         if candidate.smooth_alpha is not None:
             smoothing = {"method": "SmoothQuant on LayerNorm-fed MatMuls", "alpha": candidate.smooth_alpha,
@@ -151,6 +164,8 @@ class Int8Search:
             "method": "dynamic", "weights": weights, "activations": activations, "reduce_range": self.reduce_range,
             "cpu_features": self.features, "chosen": candidate.name, "smoothing": smoothing,
             "blockwise_nodes": candidate.blockwise_nodes,
+            "rowwise_nodes": candidate.rowwise_nodes,
+            "rowwise_floors": {node: round(self._rowwise_inputs[node].floor, 6) for node in candidate.rowwise_nodes},
             "target": validate.INT8_TARGET, "target_met": validate.passes(metrics, self.target),
             "corpus": {"passages": len(self.corpus.passages), "queries": len(self.corpus.queries),
                        "fingerprint": self.corpus.fingerprint, "origin": "Python standard library docstrings"},

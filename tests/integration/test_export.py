@@ -50,9 +50,9 @@ def test_minilm_bundle_manifest_and_parity(minilm_bundle: Path, minilm_source: P
     assert int8.parity["top10_overlap"] >= 0.90
     assert int8.quantization is not None and int8.quantization["candidates"]
     assert int8.quantization["corpus"]["passages"] == 1000
-    # Smoothing plus blockwise FFN outputs divides plain per-channel int8's error by about five (mean
-    # cosine 0.9934 -> 0.9988 here). Top-10 overlap moves by +-0.01 with float noise at rank 10, and the
-    # speed-up depends on the CPU, so the target itself is reported in the manifest, not asserted here.
+    # Smoothing plus per-row (rowwise or blockwise) FFN outputs divides plain per-channel int8's error by
+    # about five (mean cosine 0.9934 -> 0.9987 here). Top-10 overlap moves by +-0.01 with float noise at
+    # rank 10, and the speed-up depends on the CPU, so the target itself is reported in the manifest, not asserted here.
     tried = int8.quantization["candidates"]
     assert tried[0]["name"] == "per-channel" and tried[0]["mean_cosine"] < 0.995
     smoothed = [entry for entry in tried if entry.get("smooth_alpha") is not None]
@@ -60,12 +60,13 @@ def test_minilm_bundle_manifest_and_parity(minilm_bundle: Path, minilm_source: P
     assert (1 - smoothed[0]["mean_cosine"]) * 3 < 1 - tried[0]["mean_cosine"]
     by_alpha = smoothed[0]["calibration_agreement_by_alpha"]
     assert smoothed[0]["smooth_alpha"] == float(max(by_alpha, key=by_alpha.get))
-    if int8.quantization["blockwise_nodes"]:
-        import onnx
-
-        ops = [node.op_type for node in onnx.load(str(minilm_bundle / int8.file)).graph.node]
-        assert ops.count("MatMulNBits") == len(int8.quantization["blockwise_nodes"])
     import onnx
+
+    int8_ops = [node.op_type for node in onnx.load(str(minilm_bundle / int8.file)).graph.node]
+    assert int8_ops.count("MatMulNBits") == len(int8.quantization["blockwise_nodes"])
+    assert int8_ops.count("MatMulIntegerToFloat") == len(int8.quantization["rowwise_nodes"])
+    assert set(int8.quantization["rowwise_floors"]) == set(int8.quantization["rowwise_nodes"])
+    assert all(-1.0 < floor <= 0.0 for floor in int8.quantization["rowwise_floors"].values())
 
     # fp32 (O2) keeps each residual Add and its LayerNormalization apart for the CPU; fp16, for CUDA, fuses
     # them; the int8 graph is quantized from the export with its shape arithmetic made static.

@@ -1,5 +1,5 @@
 """The int8 building blocks on a tiny BERT export: smoothing is exact, blockwise MatMuls are written
-as MatMulNBits, and each candidate stays close to fp32."""
+as MatMulNBits, rowwise ones compute what their arithmetic says, and each candidate stays close to fp32."""
 
 from __future__ import annotations
 
@@ -52,9 +52,12 @@ def test_projections_are_found_by_weight_shape(raw_export: Path) -> None:
     plan = quantize.candidates(found)
     names = [candidate.name for candidate in plan]
     assert names[0] == "per-channel" and names[-1] == "all MatMuls blockwise"
-    # The FFN output projections blockwise: wider blocks (faster) first, then the narrower, more exact ones.
-    assert [(candidate.blockwise_nodes, candidate.block_size) for candidate in plan[1:3]] == [
+    # The FFN output projections rowwise (the fastest), then blockwise: wider blocks (faster) first, then
+    # the narrower, more exact ones.
+    assert plan[1].rowwise_nodes == found.ffn_out and not plan[1].blockwise_nodes
+    assert [(candidate.blockwise_nodes, candidate.block_size) for candidate in plan[2:4]] == [
         (found.ffn_out, quantize.WIDE_BLOCK_SIZE), (found.ffn_out, quantize.BLOCK_SIZE)]
+    assert not any(candidate.rowwise_nodes for candidate in plan[2:])
     assert quantize.WIDE_BLOCK_SIZE > quantize.BLOCK_SIZE
 
 
@@ -80,16 +83,19 @@ def test_each_candidate_writes_a_close_int8_model(raw_export: Path, tmp_path: Pa
     ranges = quantize.activation_ranges(raw_export, batches)
     reference = _run(raw_export, batches)
     found = quantize.projections(raw_export, hidden_size=32)
+    inputs = quantize.rowwise_inputs(raw_export, found.ffn_out, batches)
     for index, candidate in enumerate(quantize.candidates(found)):
-        output = quantize.quantize(raw_export, tmp_path / f"int8_{index}.onnx", candidate, False, ranges)
+        output = quantize.quantize(raw_export, tmp_path / f"int8_{index}.onnx", candidate, False, ranges, inputs)
         nodes = onnx.load(str(output)).graph.node
         ops = [node.op_type for node in nodes]
         assert ops.count("MatMulNBits") == len(candidate.blockwise_nodes), candidate.name
+        assert ops.count("MatMulIntegerToFloat") == len(candidate.rowwise_nodes), candidate.name
         blocks = [onnx.helper.get_attribute_value(attribute) for node in nodes if node.op_type == "MatMulNBits"
                   for attribute in node.attribute if attribute.name == "block_size"]
         assert blocks == [candidate.block_size] * len(candidate.blockwise_nodes), candidate.name
-        # Everything that is not blockwise is dynamic int8; attention-score MatMuls stay fp32.
-        assert ops.count("MatMulNBits") + ops.count("MatMulInteger") == 12, candidate.name
+        # Everything that is neither blockwise nor rowwise is dynamic int8; attention-score MatMuls stay fp32.
+        assert ops.count("MatMulNBits") + ops.count("MatMulIntegerToFloat") + ops.count("MatMulInteger") == 12, \
+            candidate.name
         assert not list(tmp_path.glob("*.stage.onnx*"))
         for before, after in zip(reference, _run(output, batches), strict=True):
             assert _cosine(before, after) >= 0.98, candidate.name
@@ -99,6 +105,129 @@ def test_smoothing_needs_ranges(raw_export: Path, tmp_path: Path) -> None:
     candidate = quantize.QuantCandidate("smoothed", smooth_alpha=0.5)
     with pytest.raises(ValueError, match="activation ranges"):
         quantize.quantize(raw_export, tmp_path / "int8.onnx", candidate, False, None)
+
+
+def test_rowwise_needs_its_calibration_inputs(raw_export: Path, tmp_path: Path) -> None:
+    found = quantize.projections(raw_export, hidden_size=32)
+    candidate = quantize.QuantCandidate("rowwise", rowwise_nodes=found.ffn_out)
+    only_one = {found.ffn_out[0]: quantize.RowwiseInput(-0.1, np.eye(64))}
+    with pytest.raises(ValueError, match="calibration inputs"):
+        quantize.quantize(raw_export, tmp_path / "int8.onnx", candidate, False, None, only_one)
+
+
+@pytest.mark.parametrize("budget_bytes", [1 << 29, 1])
+def test_rowwise_inputs_are_floors_and_gram_matrices_of_real_tokens(raw_export: Path, budget_bytes: int) -> None:
+    """budget_bytes=1 gathers one MatMul at a time (as for bge-m3's Gram matrices): the same result."""
+    batches = _batches(raw_export)
+    found = quantize.projections(raw_export, hidden_size=32)
+    inputs = quantize.rowwise_inputs(raw_export, found.ffn_out, batches, budget_bytes=budget_bytes)
+    assert sorted(inputs) == sorted(found.ffn_out)
+    # The FFN output projections read GELU outputs, whose lowest value is -0.16997 (at x = -0.75).
+    assert all(-0.17 <= found_input.floor < -0.05 for found_input in inputs.values()), inputs
+    assert not list(raw_export.parent.glob("*.calibration.onnx"))
+    # Only real tokens count: the floor and X^T X of the batches are those of their unpadded rows.
+    model = onnx.load(str(raw_export))
+    tensor = next(node.input[0] for node in model.graph.node if node.name == found.ffn_out[0])
+    model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = {node.name for node in session.get_inputs()}
+    rows = []
+    for batch in batches:
+        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                 "token_type_ids": batch.token_type_ids}
+        values = session.run([tensor], {k: v for k, v in feeds.items() if k in names})[0]
+        rows.append(values[batch.attention_mask.astype(bool)].astype(np.float64))
+    real = np.concatenate(rows)
+    first = inputs[found.ffn_out[0]]
+    assert first.floor == pytest.approx(float(real.min()), abs=1e-7)
+    assert first.gram.shape == (real.shape[1], real.shape[1])
+    assert np.allclose(first.gram, real.T @ real, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("levels", [127.0, 63.0])
+def test_compensated_rounding_keeps_the_product_closer_than_plain_rounding(levels: float) -> None:
+    """Fitted on some rows of correlated inputs, checked on others: the product with the inputs moves
+    less than with each weight rounded alone, on the same grid (per-column scales, integers in range)."""
+    rng = np.random.default_rng(3)
+    mixing = rng.standard_normal((48, 48)) * (rng.random(48) < 0.2)[None, :] + np.eye(48)
+    inputs = np.maximum(rng.standard_normal((4000, 48)) @ mixing, -0.17)
+    weight = (rng.standard_normal((48, 16)) * 0.2).astype(np.float32)
+    fit, held = inputs[:2000], inputs[2000:]
+    quantized, scales = quantize.compensated_rounding(weight, fit.T @ fit, levels)
+    assert quantized.dtype == np.int8 and np.abs(quantized).max() <= levels
+    assert np.allclose(scales, np.abs(weight).max(axis=0) / levels)
+    plain = np.clip(np.round(weight / scales), -levels, levels)
+
+    def error(integers: np.ndarray) -> float:
+        return float(np.linalg.norm(held @ (integers * scales) - held @ weight) / np.linalg.norm(held @ weight))
+
+    assert error(quantized) < 0.8 * error(plain), (error(quantized), error(plain))
+    # A weight grid that represents the weights exactly is kept as it is.
+    exact = np.round(weight / scales) * scales
+    kept, _ = quantize.compensated_rounding(exact.astype(np.float32), fit.T @ fit, levels)
+    assert np.array_equal(kept, plain.astype(np.int8))
+
+
+def _one_matmul(weight: np.ndarray, bias: np.ndarray | None = None) -> onnx.ModelProto:
+    nodes = [onnx.helper.make_node("MatMul", ["x", "w"], ["product" if bias is not None else "y"], name="projection")]
+    initializers = [onnx.numpy_helper.from_array(weight, "w")]
+    if bias is not None:
+        nodes.append(onnx.helper.make_node("Add", ["b", "product"], ["y"], name="bias"))
+        initializers.append(onnx.numpy_helper.from_array(bias, "b"))
+    graph = onnx.helper.make_graph(
+        nodes, "one",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "tokens", weight.shape[0]])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "tokens", weight.shape[1]])],
+        initializers)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize(("reduce_range", "with_bias"), [(False, False), (True, False), (False, True)])
+def test_rowwise_matmul_computes_its_arithmetic(reduce_range: bool, with_bias: bool) -> None:
+    """Per row: r = max(x - f), q = round(255 (x - f) / r); y = r / 255 * q @ Wq * w_scale + f * colsum(Wq
+    * w_scale); the weights int8 per column (7-bit with reduce_range). Each row spends all 256 levels. A
+    bias added right after takes the f term, which saves an operator."""
+    rng = np.random.default_rng(7)
+    weight = (rng.standard_normal((64, 24)) * 0.1).astype(np.float32)
+    bias = (rng.standard_normal(24) * 0.1).astype(np.float32) if with_bias else None
+    floor = -0.17
+    x = np.maximum(rng.standard_normal((2, 5, 64)).astype(np.float32), floor)
+    x[0, 1] = np.maximum(x[0, 1] * 40, floor)  # an outlier token: one scale per tensor would flatten the rest
+    x[1, 2] = floor  # a row at the floor everywhere: exact
+    model = _one_matmul(weight, bias)
+    gram = x.reshape(-1, 64).astype(np.float64).T @ x.reshape(-1, 64)
+    assert quantize._rowwise(model, {"projection": quantize.RowwiseInput(floor, gram)}, reduce_range) == 1
+    initializer_names = {init.name for init in model.graph.initializer}
+    assert "w" not in initializer_names  # the fp32 weights are gone
+    assert ("projection/rowwise/correction" in initializer_names) is not with_bias
+    assert [node.op_type for node in model.graph.node].count("Add") == 2  # the shift, then bias or correction
+    model.graph.output.append(onnx.helper.make_tensor_value_info("projection/rowwise/quantized",
+                                                                  onnx.TensorProto.UINT8, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, quantized = session.run(None, {"x": x})
+
+    levels = 63.0 if reduce_range else 127.0
+    w_q, w_scale = quantize.compensated_rounding(weight, gram, levels)
+    w_q = w_q.astype(np.float64)
+    stored = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    assert np.array_equal(stored["projection/rowwise/weight"], w_q.astype(np.int8))
+    shifted = (x - floor).astype(np.float64)
+    row_range = shifted.max(axis=-1, keepdims=True)
+    real = row_range[..., 0] > 0
+    q = np.clip(np.round(255 * shifted / np.where(row_range > 0, row_range, 1)), 0, 255)
+    expected = row_range / 255 * (q @ (w_q * w_scale)) + floor * (w_q * w_scale).sum(axis=0)
+    if bias is not None:
+        expected += bias
+    # Rounding at exact halves may differ by one level between float32 and float64.
+    assert np.abs(quantized[real].astype(int) - q[real]).max() <= 1
+    assert (quantized[real] != q[real]).mean() < 0.01
+    assert np.allclose(y, expected, rtol=1e-3, atol=1e-4)
+    assert (quantized[real].max(axis=-1) == 255).all() and real.sum() == 9
+    assert np.allclose(y[1, 2], x[1, 2] @ (w_q * w_scale) + (0 if bias is None else bias), atol=1e-5)
+    # Close to fp32 on every row, the ordinary ones included, despite the outlier token.
+    reference = x @ weight + (0 if bias is None else bias)
+    error = np.abs(y - reference).max(axis=-1) / np.abs(reference).max(axis=-1)
+    assert error.max() < (0.03 if reduce_range else 0.015), error
 
 
 def test_models_past_the_protobuf_limit_are_staged_with_a_side_file(raw_export: Path, tmp_path: Path,
@@ -116,8 +245,9 @@ def test_models_past_the_protobuf_limit_are_staged_with_a_side_file(raw_export: 
 
     monkeypatch.setattr(quantize, "_PROTOBUF_LIMIT", 1000)
     monkeypatch.setattr(quantize, "_save", spy)
-    candidate = quantize.candidates(found)[1]
-    output = quantize.quantize(raw_export, tmp_path / "int8.onnx", candidate, False, ranges)
+    inputs = quantize.rowwise_inputs(raw_export, found.ffn_out, batches)
+    candidate = quantize.candidates(found)[1]  # smoothed, rowwise
+    output = quantize.quantize(raw_export, tmp_path / "int8.onnx", candidate, False, ranges, inputs)
     assert {path.name for path in saved} == {"int8.stage.onnx", "int8.stage.onnx.data"}
     assert sorted(path.name for path in tmp_path.iterdir()) == ["int8.onnx"]
     for before, after in zip(_run(raw_export, batches), _run(output, batches), strict=True):

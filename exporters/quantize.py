@@ -22,6 +22,7 @@ always stay fp32 (MatMulConstBOnly).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -202,6 +203,14 @@ class RowwiseInput:
     error-compensated rounding."""
     floor: float
     gram: NDArray[np.float64]
+    rounded: dict[tuple[str, float], tuple[NDArray[np.int8], NDArray[np.float32]]] = field(default_factory=dict)
+
+    def rounding(self, weight: NDArray[np.float32], levels: float) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
+        """compensated_rounding of `weight`, computed once per weight content and level count."""
+        key = (hashlib.blake2b(np.ascontiguousarray(weight).tobytes(), digest_size=16).hexdigest(), levels)
+        if key not in self.rounded:
+            self.rounded[key] = compensated_rounding(weight, self.gram, levels)
+        return self.rounded[key]
 
 
 def rowwise_inputs(source: Path, nodes: Sequence[str], batches: Sequence[EncodedBatch],
@@ -234,15 +243,21 @@ def rowwise_inputs(source: Path, nodes: Sequence[str], batches: Sequence[Encoded
     return {node: found[tensor] for node, tensor in inputs.items()}
 
 
-def compensated_rounding(weight: NDArray[np.float32], gram: NDArray[np.float64],
-                         levels: float) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
+def compensated_rounding(weight: NDArray[np.float32], gram: NDArray[np.float64], levels: float,
+                         block: int = 128) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
     """int8 weights per output column (scale max|w| / levels) rounded so that the product with the
     calibration inputs stays close, not each weight alone (GPTQ, Frantar et al. 2022): input channels
     are rounded one at a time, the most active first, and each one's rounding error is carried into the
     channels not yet rounded, weighted by the inverse of the inputs' Gram matrix (damped by 1% of its
     mean diagonal). On all-MiniLM-L6-v2's FFN output projections it halves the weights' share of the
     error on held-out calibration rows (0.29-1.22% relative to 0.13-0.61%). Returns the int8 weights
-    ([inputs, outputs]) and the scales."""
+    ([inputs, outputs]) and the scales.
+
+    The channels go in blocks of `block` (GPTQ's lazy batch updates): within a block row by row, then
+    the block's errors reach the later channels in one product, the same arithmetic in far fewer passes
+    over the weights (a 4,096 x 1,024 projection, bge-m3's size: 19 s row by row here). Results are
+    kept on `RowwiseInput` by weight content, so the smoothing strengths tried, which leave rowwise
+    MatMuls alone, round each projection once."""
     work = weight.astype(np.float64).copy()
     scales = (np.maximum(np.abs(weight).max(axis=0), 1e-12) / levels).astype(np.float32)
     hessian = gram.copy()
@@ -255,11 +270,15 @@ def compensated_rounding(weight: NDArray[np.float32], gram: NDArray[np.float64],
     spread = np.linalg.cholesky(np.linalg.inv(hessian)).T
     step = scales.astype(np.float64)
     quantized = np.empty(work.shape, np.int8)
-    for row in range(work.shape[0]):
-        rounded = np.clip(np.round(work[row] / step), -levels, levels)
-        quantized[row] = rounded
-        error = (work[row] - rounded * step) / spread[row, row]
-        work[row + 1:] -= np.outer(spread[row, row + 1:], error)
+    for start in range(0, work.shape[0], block):
+        end = min(start + block, work.shape[0])
+        errors = np.empty((end - start, work.shape[1]))
+        for row in range(start, end):
+            rounded = np.clip(np.round(work[row] / step), -levels, levels)
+            quantized[row] = rounded
+            errors[row - start] = (work[row] - rounded * step) / spread[row, row]
+            work[row + 1:end] -= np.outer(spread[row, row + 1:end], errors[row - start])
+        work[end:] -= spread[start:end, end:].T @ errors
     restored = np.empty_like(quantized)
     restored[order] = quantized
     return restored, scales
@@ -376,7 +395,7 @@ def _rowwise(model: Any, inputs: dict[str, RowwiseInput], reduce_range: bool) ->
             ordered.append(node)
             continue
         weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
-        quantized, scales = compensated_rounding(weight, inputs[node.name].gram, levels)
+        quantized, scales = inputs[node.name].rounding(weight, levels)
         shift = max(0.0, -inputs[node.name].floor)
         correction = -shift * quantized.astype(np.float64).sum(axis=0) * scales
         name = f"{node.name}/rowwise"

@@ -168,6 +168,38 @@ def test_compensated_rounding_keeps_the_product_closer_than_plain_rounding(level
     assert np.array_equal(kept, plain.astype(np.int8))
 
 
+def test_compensated_rounding_in_blocks_is_row_by_row_rounding() -> None:
+    """Blocks of channels (the lazy batch updates) give what one channel at a time gives, including a last
+    block shorter than the rest."""
+    rng = np.random.default_rng(5)
+    inputs = rng.standard_normal((900, 300)) @ (np.eye(300) + 0.3 * rng.standard_normal((300, 300)))
+    weight = (rng.standard_normal((300, 20)) * 0.1).astype(np.float32)
+    blocked, scales = quantize.compensated_rounding(weight, inputs.T @ inputs, 127.0, block=128)
+    whole, _ = quantize.compensated_rounding(weight, inputs.T @ inputs, 127.0, block=300)
+    assert np.array_equal(blocked, whole)
+    plain = np.round(weight / scales).astype(np.int8)
+    assert (blocked != plain).mean() > 0.05  # the comparison means something: compensation moved weights
+
+
+def test_rowwise_input_rounds_each_weight_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = quantize.compensated_rounding
+
+    def counted(weight: np.ndarray, gram: np.ndarray, levels: float, block: int = 128) -> object:
+        calls.append(1)
+        return original(weight, gram, levels, block)
+
+    monkeypatch.setattr(quantize, "compensated_rounding", counted)
+    rng = np.random.default_rng(6)
+    found = quantize.RowwiseInput(-0.17, np.eye(16) * 4.0)
+    weight = rng.standard_normal((16, 8)).astype(np.float32)
+    first = found.rounding(weight, 127.0)
+    assert found.rounding(weight.copy(), 127.0) is first and len(calls) == 1
+    found.rounding(weight, 63.0)
+    found.rounding(weight * 2, 127.0)
+    assert len(calls) == 3
+
+
 def _one_matmul(weight: np.ndarray, bias: np.ndarray | None = None) -> onnx.ModelProto:
     nodes = [onnx.helper.make_node("MatMul", ["x", "w"], ["product" if bias is not None else "y"], name="projection")]
     initializers = [onnx.numpy_helper.from_array(weight, "w")]

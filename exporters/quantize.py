@@ -220,11 +220,10 @@ def rowwise_inputs(source: Path, nodes: Sequence[str], batches: Sequence[Encoded
     at once besides the ones finished."""
     model = _onnx().load(str(source), load_external_data=False)
     initializers = {init.name: init for init in model.graph.initializer}
-    inputs = {node.name: node.input[0] for node in model.graph.node
-              if node.name in set(nodes) and node.input[1] in initializers}
-    tensors = sorted(set(inputs.values()))
-    width = {inputs[node]: int(initializers[weight].dims[0]) for node, weight in
-             ((node.name, node.input[1]) for node in model.graph.node if node.name in inputs)}
+    matmuls = [node for node in model.graph.node if node.name in set(nodes) and node.input[1] in initializers]
+    inputs = {node.name: node.input[0] for node in matmuls}
+    width = {node.input[0]: int(initializers[node.input[1]].dims[0]) for node in matmuls}
+    tensors = sorted(width)
     found: dict[str, RowwiseInput] = {}
     group: list[str] = []
     for index, tensor in enumerate(tensors):
@@ -236,7 +235,7 @@ def rowwise_inputs(source: Path, nodes: Sequence[str], batches: Sequence[Encoded
         grams = {name: np.zeros((width[name], width[name])) for name in group}
         for name, values in _probe(source, group, batches):
             lowest[name] = min(lowest[name], float(values.min()))
-            rows = values.reshape(-1, width[name]).astype(np.float64)
+            rows = values.astype(np.float64)
             grams[name] += rows.T @ rows
         found.update({name: RowwiseInput(lowest[name], grams[name]) for name in group})
         group = []
@@ -381,6 +380,7 @@ def _rowwise(model: Any, inputs: dict[str, RowwiseInput], reduce_range: bool) ->
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     graph_outputs = {output.name for output in model.graph.output}
+    opset = max((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), default=0)
     levels = 63.0 if reduce_range else 127.0  # weights; activations use 0-255 (see reduce_range_for)
     model.graph.initializer.extend([
         numpy_helper.from_array(np.array([-1], np.int64), "rowwise/last_axis"),
@@ -406,7 +406,9 @@ def _rowwise(model: Any, inputs: dict[str, RowwiseInput], reduce_range: bool) ->
         ])
         ordered.extend([
             _node("Add", [node.input[0], f"{name}/shift"], f"{name}/shifted"),
-            _node("ReduceMax", [f"{name}/shifted", "rowwise/last_axis"], f"{name}/row_range", keepdims=1),
+            # ReduceMax reads its axes from an input since opset 18, from an attribute before.
+            _node("ReduceMax", [f"{name}/shifted", "rowwise/last_axis"], f"{name}/row_range", keepdims=1)
+            if opset >= 18 else _node("ReduceMax", [f"{name}/shifted"], f"{name}/row_range", keepdims=1, axes=[-1]),
             _node("Div", [f"{name}/shifted", f"{name}/row_range"], f"{name}/scaled"),
             _node("QuantizeLinear", [f"{name}/scaled", "rowwise/level", "rowwise/zero"], f"{name}/quantized"),
             _node("MatMulIntegerToFloat", [f"{name}/quantized", f"{name}/weight", "rowwise/level",

@@ -200,7 +200,7 @@ def test_rowwise_input_rounds_each_weight_once(monkeypatch: pytest.MonkeyPatch) 
     assert len(calls) == 3
 
 
-def _one_matmul(weight: np.ndarray, bias: np.ndarray | None = None) -> onnx.ModelProto:
+def _one_matmul(weight: np.ndarray, bias: np.ndarray | None = None, opset: int = 18) -> onnx.ModelProto:
     nodes = [onnx.helper.make_node("MatMul", ["x", "w"], ["product" if bias is not None else "y"], name="projection")]
     initializers = [onnx.numpy_helper.from_array(weight, "w")]
     if bias is not None:
@@ -211,14 +211,16 @@ def _one_matmul(weight: np.ndarray, bias: np.ndarray | None = None) -> onnx.Mode
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "tokens", weight.shape[0]])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "tokens", weight.shape[1]])],
         initializers)
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
 
 
-@pytest.mark.parametrize(("reduce_range", "with_bias"), [(False, False), (True, False), (False, True)])
-def test_rowwise_matmul_computes_its_arithmetic(reduce_range: bool, with_bias: bool) -> None:
+@pytest.mark.parametrize(("reduce_range", "with_bias", "opset"),
+                         [(False, False, 18), (True, False, 18), (False, True, 18), (False, True, 17)])
+def test_rowwise_matmul_computes_its_arithmetic(reduce_range: bool, with_bias: bool, opset: int) -> None:
     """Per row: r = max(x - f), q = round(255 (x - f) / r); y = r / 255 * q @ Wq * w_scale + f * colsum(Wq
     * w_scale); the weights int8 per column (7-bit with reduce_range). Each row spends all 256 levels. A
-    bias added right after takes the f term, which saves an operator."""
+    bias added right after takes the f term, which saves an operator. Before opset 18 the row maximum's
+    axis is an attribute."""
     rng = np.random.default_rng(7)
     weight = (rng.standard_normal((64, 24)) * 0.1).astype(np.float32)
     bias = (rng.standard_normal(24) * 0.1).astype(np.float32) if with_bias else None
@@ -226,7 +228,7 @@ def test_rowwise_matmul_computes_its_arithmetic(reduce_range: bool, with_bias: b
     x = np.maximum(rng.standard_normal((2, 5, 64)).astype(np.float32), floor)
     x[0, 1] = np.maximum(x[0, 1] * 40, floor)  # an outlier token: one scale per tensor would flatten the rest
     x[1, 2] = floor  # a row at the floor everywhere: exact
-    model = _one_matmul(weight, bias)
+    model = _one_matmul(weight, bias, opset)
     gram = x.reshape(-1, 64).astype(np.float64).T @ x.reshape(-1, 64)
     assert quantize._rowwise(model, {"projection": quantize.RowwiseInput(floor, gram)}, reduce_range) == 1
     initializer_names = {init.name for init in model.graph.initializer}

@@ -51,13 +51,15 @@ class Int8Search:
         self.chosen: quantize.QuantCandidate | None = None
         self._ranges: dict[str, Any] | None = None
         self._rowwise_inputs: dict[str, quantize.RowwiseInput] = {}
+        self.found: quantize.Projections | None = None
         self._calibration_reference: np.ndarray | None = None
 
     def run(self) -> tuple[Path, dict[str, float]]:
         """Path and metrics of the chosen int8 model."""
         baseline = validate.model_outputs(self.fp32_model, self.eval_inputs)
         best: tuple[Path, dict[str, float], quantize.QuantCandidate] | None = None
-        plan = quantize.candidates(quantize.projections(self.raw, self.source.hidden_size))
+        self.found = quantize.projections(self.raw, self.source.hidden_size)
+        plan = quantize.candidates(self.found)
         for index, candidate in enumerate(plan):
             try:
                 model, path, choices = self._build(candidate, self.scratch / f"int8_{index}")
@@ -105,7 +107,8 @@ class Int8Search:
     def _write(self, candidate: quantize.QuantCandidate, path: Path, alpha: float | None) -> BundleModel:
         candidate.smooth_alpha = alpha
         ranges = self._activation_ranges() if alpha is not None else None
-        inputs = self._inputs(candidate.rowwise_nodes) if candidate.rowwise_nodes else None
+        # Calibration inputs of every weight MatMul: rowwise ones need them, per-channel ones are rounded against them.
+        inputs = self._inputs(self.found.all if self.found is not None else candidate.rowwise_nodes)
         quantize.quantize(self.raw, path, candidate, self.reduce_range, ranges, inputs)
         return self.load_int8(path)
 
@@ -148,6 +151,8 @@ class Int8Search:
         candidate = self.chosen
         assert candidate is not None, "run() first"
         weights = "int8 per-channel" if candidate.per_channel else "int8 per-tensor"
+        if candidate.compensated_nodes:
+            weights += f", rounded against calibration inputs (GPTQ) in {candidate.compensated_nodes} MatMuls"
         activations = "uint8 per-tensor (dynamic)"
         if candidate.blockwise_nodes:
             weights += f"; blockwise MatMuls: int8 per block of {candidate.block_size} input channels"
@@ -165,6 +170,7 @@ class Int8Search:
             "cpu_features": self.features, "chosen": candidate.name, "smoothing": smoothing,
             "blockwise_nodes": candidate.blockwise_nodes,
             "rowwise_nodes": candidate.rowwise_nodes,
+            "compensated_nodes": candidate.compensated_nodes,
             "rowwise_floors": {node: round(self._rowwise_inputs[node].floor, 6) for node in candidate.rowwise_nodes},
             "target": validate.INT8_TARGET, "target_met": validate.passes(metrics, self.target),
             "corpus": {"passages": len(self.corpus.passages), "queries": len(self.corpus.queries),

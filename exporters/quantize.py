@@ -60,10 +60,12 @@ class QuantCandidate:
     blockwise_nodes: list[str] = field(default_factory=list)
     block_size: int = BLOCK_SIZE
     rowwise_nodes: list[str] = field(default_factory=list)
+    compensated_nodes: int = 0  # per-channel MatMuls whose weights were rounded against calibration inputs
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "per_channel": self.per_channel, "smooth_alpha": self.smooth_alpha,
-                "blockwise_nodes": len(self.blockwise_nodes), "rowwise_nodes": len(self.rowwise_nodes)}
+                "blockwise_nodes": len(self.blockwise_nodes), "rowwise_nodes": len(self.rowwise_nodes),
+                "compensated_nodes": self.compensated_nodes}
 
 
 @dataclass
@@ -203,14 +205,26 @@ class RowwiseInput:
     error-compensated rounding."""
     floor: float
     gram: NDArray[np.float64]
-    rounded: dict[tuple[str, float], tuple[NDArray[np.int8], NDArray[np.float32]]] = field(default_factory=dict)
+    rounded: dict[tuple[str, float, str, str], tuple[NDArray[np.int8], NDArray[np.float32]]] = field(
+        default_factory=dict)
 
-    def rounding(self, weight: NDArray[np.float32], levels: float) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
-        """compensated_rounding of `weight`, computed once per weight content and level count."""
-        key = (hashlib.blake2b(np.ascontiguousarray(weight).tobytes(), digest_size=16).hexdigest(), levels)
+    def rounding(self, weight: NDArray[np.float32], levels: float, scales: NDArray[np.float32] | None = None,
+                 inverse: NDArray[np.float64] | None = None) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
+        """compensated_rounding of `weight` (on the grid of `scales` when given), computed once per weight
+        content, level count, scales and smoothing: candidates that smooth with the same strength share their
+        attention and FFN input projections. With `inverse` (a smoothing's 1/s) the MatMul reads x / s, whose
+        Gram matrix is this one scaled by 1/s on both sides."""
+        key = (_digest(weight), levels, _digest(scales), _digest(inverse))
         if key not in self.rounded:
-            self.rounded[key] = compensated_rounding(weight, self.gram, levels)
+            gram = self.gram if inverse is None else self.gram * inverse[:, None] * inverse[None, :]
+            self.rounded[key] = compensated_rounding(weight, gram, levels, scales=scales)
         return self.rounded[key]
+
+
+def _digest(values: NDArray[Any] | None) -> str:
+    if values is None:
+        return ""
+    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).hexdigest()
 
 
 def rowwise_inputs(source: Path, nodes: Sequence[str], batches: Sequence[EncodedBatch],
@@ -243,7 +257,8 @@ def rowwise_inputs(source: Path, nodes: Sequence[str], batches: Sequence[Encoded
 
 
 def compensated_rounding(weight: NDArray[np.float32], gram: NDArray[np.float64], levels: float,
-                         block: int = 128) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
+                         block: int = 128, scales: NDArray[np.float32] | None = None
+                         ) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
     """int8 weights per output column (scale max|w| / levels) rounded so that the product with the
     calibration inputs stays close, not each weight alone (GPTQ, Frantar et al. 2022): input channels
     are rounded one at a time, the most active first, and each one's rounding error is carried into the
@@ -256,9 +271,12 @@ def compensated_rounding(weight: NDArray[np.float32], gram: NDArray[np.float64],
     the block's errors reach the later channels in one product, the same arithmetic in far fewer passes
     over the weights (a 4,096 x 1,024 projection, bge-m3's size: 19 s row by row here). Results are
     kept on `RowwiseInput` by weight content, so the smoothing strengths tried, which leave rowwise
-    MatMuls alone, round each projection once."""
+    MatMuls alone, round each projection once. Given `scales` (one per output column, or one for all), the
+    weights are rounded on that grid instead, as for the MatMuls ONNX Runtime's quantizer has scaled."""
     work = weight.astype(np.float64).copy()
-    scales = (np.maximum(np.abs(weight).max(axis=0), 1e-12) / levels).astype(np.float32)
+    if scales is None:
+        scales = (np.maximum(np.abs(weight).max(axis=0), 1e-12) / levels).astype(np.float32)
+    scales = np.broadcast_to(np.asarray(scales, np.float32), (weight.shape[1],)).copy()
     hessian = gram.copy()
     idle = np.diag(hessian) == 0
     hessian[idle, idle] = 1.0
@@ -267,7 +285,7 @@ def compensated_rounding(weight: NDArray[np.float32], gram: NDArray[np.float64],
     work, hessian = work[order], hessian[np.ix_(order, order)]
     # Upper Cholesky factor of the inverse: row i gives how channel i's error spreads to the later ones.
     spread = np.linalg.cholesky(np.linalg.inv(hessian)).T
-    step = scales.astype(np.float64)
+    step = np.where(scales > 0, scales, 1.0).astype(np.float64)  # a column of zeros stays zeros on any grid
     quantized = np.empty(work.shape, np.int8)
     for start in range(0, work.shape[0], block):
         end = min(start + block, work.shape[0])
@@ -455,6 +473,49 @@ def _constant_bias(tensor: str, consumers: dict[str, list[Any]], initializers: d
     return bias if numpy_helper.to_array(bias).shape == shape else None
 
 
+def _compensate(quantized: Any, staged: Any, inputs: dict[str, RowwiseInput]) -> int:
+    """Round again, against the calibration inputs (compensated_rounding), the weights of the MatMuls that
+    ONNX Runtime's dynamic quantizer wrote as int8 per output column, on the grid it chose (its scales,
+    zero points 0): the same graph and kernels, weights that keep each product closer to fp32. The Gram
+    matrices in `inputs` are of the unsmoothed inputs; a smoothed MatMul reads x / s, so its Gram matrix is
+    scaled by 1/s on both sides (its weights, read from `staged`, already carry s; RowwiseInput.rounding). A
+    weight that several nodes share, or with non-zero zero points, keeps the quantizer's rounding. Returns how
+    many MatMuls were rounded again."""
+    from onnx import numpy_helper
+
+    weights = {init.name: init for init in staged.graph.initializer}
+    inverses = {init.name.removesuffix("/smooth_inverse") + "/smoothed": numpy_helper.to_array(init).astype(np.float64)
+                for init in staged.graph.initializer if init.name.endswith("/smooth_inverse")}
+    written = {init.name: init for init in quantized.graph.initializer}
+    staged_uses: dict[str, int] = {}
+    for node in staged.graph.node:
+        for name in node.input:
+            staged_uses[name] = staged_uses.get(name, 0) + 1
+    uses: dict[str, int] = {}
+    for node in quantized.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    rounded = 0
+    for node in staged.graph.node:
+        if node.op_type != "MatMul" or node.name not in inputs or node.input[1] not in weights:
+            continue
+        integers = written.get(f"{node.input[1]}_quantized")
+        scale = written.get(f"{node.input[1]}_scale")
+        zero = written.get(f"{node.input[1]}_zero_point")
+        if integers is None or scale is None or uses.get(integers.name) != 1 or staged_uses[node.input[1]] != 1:
+            continue
+        plain = numpy_helper.to_array(integers)
+        if plain.dtype != np.int8 or plain.ndim != 2 or (zero is not None and numpy_helper.to_array(zero).any()):
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+        levels = float(np.abs(plain).max())  # the quantizer's largest level: 127, or 64 with reduce_range
+        better, _ = inputs[node.name].rounding(weight, levels, numpy_helper.to_array(scale),
+                                               inverses.get(node.input[0]))
+        integers.CopyFrom(numpy_helper.from_array(better, integers.name))
+        rounded += 1
+    return rounded
+
+
 def _save(model: Any, path: Path) -> None:
     """Save, with the weights in a side file when they would pass protobuf's 2 GB limit."""
     onnx = _onnx()
@@ -469,12 +530,16 @@ def quantize(source: Path, output: Path, candidate: QuantCandidate, reduce_range
              ranges: dict[str, NDArray[np.float32]] | None = None,
              inputs: dict[str, RowwiseInput] | None = None) -> Path:
     """Write the int8 model for `candidate`; `ranges` (from activation_ranges) are needed to smooth,
-    `inputs` (from rowwise_inputs) for rowwise MatMuls."""
+    `inputs` (from rowwise_inputs) for rowwise MatMuls. Every other MatMul named in `inputs` that ONNX
+    Runtime's quantizer makes per-channel int8 gets its weights rounded against them (_compensate);
+    `candidate.compensated_nodes` records how many."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     onnx = _onnx()
+    compensated = {node: found for node, found in (inputs or {}).items() if node not in set(candidate.rowwise_nodes)}
     with _quiet_quantization():
         dynamic_source = source
+        model = None
         if candidate.smooth_alpha is not None or candidate.blockwise_nodes or candidate.rowwise_nodes:
             model = onnx.load(str(source))
             if candidate.smooth_alpha is not None:
@@ -508,4 +573,10 @@ def quantize(source: Path, output: Path, candidate: QuantCandidate, reduce_range
             if dynamic_source != source:
                 dynamic_source.unlink(missing_ok=True)
                 Path(f"{dynamic_source}.data").unlink(missing_ok=True)
+    candidate.compensated_nodes = 0
+    if compensated:
+        quantized = onnx.load(str(output))
+        candidate.compensated_nodes = _compensate(quantized, model if model is not None else onnx.load(str(source)),
+                                                  compensated)
+        onnx.save(quantized, str(output))  # one file, as the quantizer wrote it
     return output

@@ -67,6 +67,12 @@ def test_minilm_bundle_manifest_and_parity(minilm_bundle: Path, minilm_source: P
     assert int8_ops.count("MatMulIntegerToFloat") == len(int8.quantization["rowwise_nodes"])
     assert set(int8.quantization["rowwise_floors"]) == set(int8.quantization["rowwise_nodes"])
     assert all(-1.0 < floor <= 0.0 for floor in int8.quantization["rowwise_floors"].values())
+    # Every MatMul the dynamic quantizer wrote per-channel has its weights rounded against calibration inputs:
+    # 36 weight MatMuls (six per layer), less the rowwise and blockwise ones.
+    assert int8.quantization["compensated_nodes"] == int8_ops.count("MatMulInteger") == 36 - len(
+        int8.quantization["rowwise_nodes"]) - len(int8.quantization["blockwise_nodes"])
+    assert all(entry["compensated_nodes"] == 36 - entry["rowwise_nodes"] - entry["blockwise_nodes"]
+               for entry in tried if "error" not in entry)
 
     # fp32 (O2) keeps each residual Add and its LayerNormalization apart for the CPU; fp16, for CUDA, fuses
     # them; the int8 graph is quantized from the export with its shape arithmetic made static.

@@ -181,13 +181,90 @@ def test_compensated_rounding_in_blocks_is_row_by_row_rounding() -> None:
     assert (blocked != plain).mean() > 0.05  # the comparison means something: compensation moved weights
 
 
+def test_compensated_rounding_on_a_given_grid() -> None:
+    """On scales chosen elsewhere (the quantizer's), the integers stay on that grid and within range, the
+    product still moves less than with plain rounding on the same grid, and a column of zeros stays zeros."""
+    rng = np.random.default_rng(8)
+    inputs = rng.standard_normal((3000, 40)) @ (np.eye(40) + 0.4 * rng.standard_normal((40, 40)))
+    weight = (rng.standard_normal((40, 12)) * 0.1).astype(np.float32)
+    weight[:, 3] = 0.0
+    given = (np.abs(weight).max(axis=0) / 64.0 * 1.05).astype(np.float32)
+    given[3] = 0.0  # what a quantizer may write for an all-zero column
+    fit, held = inputs[:1500], inputs[1500:]
+    quantized, scales = quantize.compensated_rounding(weight, fit.T @ fit, 64.0, scales=given)
+    assert np.array_equal(scales, given)
+    assert np.abs(quantized).max() <= 64 and not quantized[:, 3].any()
+    plain = np.clip(np.round(weight / np.where(given > 0, given, 1)), -64, 64)
+
+    def error(integers: np.ndarray) -> float:
+        return float(np.linalg.norm(held @ (integers * given) - held @ weight) / np.linalg.norm(held @ weight))
+
+    assert error(quantized) < 0.8 * error(plain), (error(quantized), error(plain))
+    one_scale, _ = quantize.compensated_rounding(weight, fit.T @ fit, 64.0, scales=np.float32(given.max()))
+    assert np.abs(one_scale).max() <= 64  # one scale for every column (per-tensor weights) is accepted too
+
+
+def _matmul_integers(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per MatMulInteger with constant weights: its int8 weights and their scales."""
+    stored = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    return {node.name: (stored[node.input[1]], stored[node.input[1].removesuffix("_quantized") + "_scale"])
+            for node in model.graph.node if node.op_type == "MatMulInteger" and node.input[1] in stored}
+
+
+def test_per_channel_weights_are_rounded_against_calibration_inputs(raw_export: Path, tmp_path: Path) -> None:
+    """With calibration inputs for every MatMul, the ones the dynamic quantizer makes per-channel int8 keep its
+    scales but get compensated integers; for a smoothed MatMul they are those of the Gram matrix of its
+    smoothed inputs, gathered directly from the smoothed graph. The model lands closer to fp32 on the texts."""
+    batches = _batches(raw_export)
+    ranges = quantize.activation_ranges(raw_export, batches)
+    found = quantize.projections(raw_export, hidden_size=32)
+    reference = _run(raw_export, batches)
+    every = quantize.rowwise_inputs(raw_export, found.all, batches)
+    plain_candidate, candidate = quantize.candidates(found)[1], quantize.candidates(found)[1]
+    plain = quantize.quantize(raw_export, tmp_path / "plain.onnx", plain_candidate, False, ranges,
+                              {node: every[node] for node in found.ffn_out})
+    assert plain_candidate.compensated_nodes == 0
+    better = quantize.quantize(raw_export, tmp_path / "compensated.onnx", candidate, False, ranges, every)
+    assert candidate.compensated_nodes == 10  # 12 weight MatMuls, the 2 FFN output projections rowwise
+    assert candidate.describe()["compensated_nodes"] == 10
+    before, after = _matmul_integers(onnx.load(str(plain))), _matmul_integers(onnx.load(str(better)))
+    assert before.keys() == after.keys() and len(after) == 10
+    moved = 0
+    for name, (integers, scales) in after.items():
+        assert np.array_equal(scales, before[name][1]) and np.abs(integers).max() <= 127
+        moved += int((integers != before[name][0]).sum())
+    assert moved > 0
+
+    # The smoothed graph's own inputs give the same integers as the scaled Gram matrices.
+    smoothed = onnx.load(str(raw_export))
+    quantize.smooth(smoothed, ranges, candidate.smooth_alpha or 0.0, skip=set(found.ffn_out))
+    smoothed_path = tmp_path / "smoothed.onnx"
+    onnx.save(smoothed, str(smoothed_path))
+    direct = quantize.rowwise_inputs(smoothed_path, found.ffn_in, batches)
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in smoothed.graph.initializer}
+    nodes = {node.name: node for node in smoothed.graph.node}
+    for name in found.ffn_in:
+        assert nodes[name].input[0].endswith("/smoothed")
+        integers, scales = after[f"{name}_quant"]
+        expected, _ = quantize.compensated_rounding(weights[nodes[name].input[1]], direct[name].gram,
+                                                    127.0, scales=scales)
+        assert (expected == integers).mean() > 0.99
+
+    def error(path: Path) -> float:
+        return float(np.mean([np.abs(out - ref).mean() for out, ref in zip(_run(path, batches), reference,
+                                                                         strict=True)]))
+
+    assert error(better) < error(plain), (error(better), error(plain))
+
+
 def test_rowwise_input_rounds_each_weight_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     original = quantize.compensated_rounding
 
-    def counted(weight: np.ndarray, gram: np.ndarray, levels: float, block: int = 128) -> object:
+    def counted(weight: np.ndarray, gram: np.ndarray, levels: float, block: int = 128,
+                scales: np.ndarray | None = None) -> object:
         calls.append(1)
-        return original(weight, gram, levels, block)
+        return original(weight, gram, levels, block, scales)
 
     monkeypatch.setattr(quantize, "compensated_rounding", counted)
     rng = np.random.default_rng(6)
@@ -198,6 +275,16 @@ def test_rowwise_input_rounds_each_weight_once(monkeypatch: pytest.MonkeyPatch) 
     found.rounding(weight, 63.0)
     found.rounding(weight * 2, 127.0)
     assert len(calls) == 3
+    # On a given grid, and for a smoothed input (x / s: the Gram matrix scaled by 1/s on both sides).
+    scales = (np.abs(weight).max(axis=0) / 120.0).astype(np.float32)
+    inverse = rng.uniform(0.5, 2.0, 16)
+    smoothed = found.rounding(weight, 127.0, scales, inverse)
+    assert found.rounding(weight, 127.0, scales.copy(), inverse.copy()) is smoothed and len(calls) == 4
+    expected, _ = original(weight, found.gram * inverse[:, None] * inverse[None, :], 127.0, scales=scales)
+    assert np.array_equal(smoothed[0], expected) and np.array_equal(smoothed[1], scales)
+    found.rounding(weight, 127.0, scales)
+    found.rounding(weight, 127.0, scales, inverse * 2)
+    assert len(calls) == 6
 
 
 def _one_matmul(weight: np.ndarray, bias: np.ndarray | None = None, opset: int = 18) -> onnx.ModelProto:

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what the model does; auto detects it from the checkpoint")
     parser.add_argument("--int8", action="store_true",
                         help="also write an accuracy-checked int8 variant for CPUs")
+    parser.add_argument("--packed-tokens", action=argparse.BooleanOptionalAction, default=True,
+                        help="int8: run the token-wise operators on real tokens only, not on padding (default: on)")
     parser.add_argument("--fp16", action="store_true", help="also write an fp16 variant for the CUDA provider")
     parser.add_argument("--optimize", choices=["auto", "none", "O1", "O2"], default="auto",
                         help="graph optimization of the fp32 variant (auto: O2 if it keeps parity, else O1)")
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
         source=args.source, name=args.name, output=args.output, task=args.task, int8=args.int8,
         fp16=args.fp16, optimize=args.optimize, max_length=args.max_length, pooling=args.pooling,
-        revision=args.revision, force=args.force,
+        revision=args.revision, force=args.force, packed_tokens=args.packed_tokens,
     )
     try:
         result = export_bundle(options, Progress(6))

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters import probes, quantize, validate
+from exporters import packing, probes, quantize, validate
 from exporters.errors import ExportFailure
 from exporters.resolve import SourceModel
 from service.engines.bundle import BundleModel
@@ -52,11 +52,13 @@ class Int8Search:
         self._ranges: dict[str, Any] | None = None
         self._rowwise_inputs: dict[str, quantize.RowwiseInput] = {}
         self.found: quantize.Projections | None = None
+        self._fp32_outputs: np.ndarray | None = None
+        self.packed: dict[str, Any] | None = None  # what pack() measured, for the manifest
         self._calibration_reference: np.ndarray | None = None
 
     def run(self) -> tuple[Path, dict[str, float]]:
         """Path and metrics of the chosen int8 model."""
-        baseline = validate.model_outputs(self.fp32_model, self.eval_inputs)
+        baseline = self._baseline()
         best: tuple[Path, dict[str, float], quantize.QuantCandidate] | None = None
         self.found = quantize.projections(self.raw, self.source.hidden_size)
         plan = quantize.candidates(self.found)
@@ -111,6 +113,35 @@ class Int8Search:
         inputs = self._inputs(self.found.all if self.found is not None else candidate.rowwise_nodes)
         quantize.quantize(self.raw, path, candidate, self.reduce_range, ranges, inputs)
         return self.load_int8(path)
+
+    def _baseline(self) -> np.ndarray:
+        if self._fp32_outputs is None:
+            self._fp32_outputs = validate.model_outputs(self.fp32_model, self.eval_inputs)
+        return self._fp32_outputs
+
+    def pack(self, path: Path, metrics: dict[str, float]) -> tuple[Path, dict[str, float]] | None:
+        """The chosen model with packed tokens (exporters.packing) and its metrics, where the rewrite applies
+        and the packed model, measured again, passes the bars and meets the target if the padded one did;
+        else None (the padded model stays the variant's only file)."""
+        packed = path.with_name(f"{path.stem}_packed.onnx")
+        try:
+            layers = packing.pack_file(path, packed)
+            if not layers:
+                self.note("int8 packed tokens: the graph does not have the expected shape; kept padded")
+                return None
+            packed_metrics = self._measure(self.load_int8(packed), self._baseline())
+        except Exception as error:  # a graph the rewrite gets wrong fails to load or run: keep the padded one
+            self.note(f"int8 packed tokens: failed ({type(error).__name__}: {error})"[:300])
+            return None
+        self.note("int8 packed tokens: " + ", ".join(f"{k}={v:.4f}" for k, v in packed_metrics.items()))
+        kept = validate.passes(packed_metrics, self.bars) and (
+            validate.passes(packed_metrics, self.target) or not validate.passes(metrics, self.target))
+        self.packed = {"layers": layers, "kept": kept,
+                       **{key: round(value, 5) for key, value in packed_metrics.items()}}
+        if not kept:
+            self.note("int8 packed tokens: below the padded model's standing; kept padded")
+            return None
+        return packed, packed_metrics
 
     def _calibration_batches(self) -> list[Any]:
         tokenizer = self.fp32_model.tokenizer
@@ -171,6 +202,7 @@ class Int8Search:
             "blockwise_nodes": candidate.blockwise_nodes,
             "rowwise_nodes": candidate.rowwise_nodes,
             "compensated_nodes": candidate.compensated_nodes,
+            "packed_tokens": self.packed,
             "rowwise_floors": {node: round(self._rowwise_inputs[node].floor, 6) for node in candidate.rowwise_nodes},
             "target": validate.INT8_TARGET, "target_met": validate.passes(metrics, self.target),
             "corpus": {"passages": len(self.corpus.passages), "queries": len(self.corpus.queries),

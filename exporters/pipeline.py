@@ -49,6 +49,7 @@ class ExportOptions:
     pooling: str | None = None
     revision: str | None = None
     force: bool = False
+    packed_tokens: bool = True  # int8: token-wise operators on real tokens only (exporters.packing)
     bar_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -303,9 +304,19 @@ class _Exporter:
 
         search = Int8Search(source, raw, scratch, fp32_model, load_int8, bars, self.progress.note)
         path, metrics = search.run()
+        packed = search.pack(path, metrics) if self.options.packed_tokens else None
         final = bundle / "model_int8.onnx"
+        padded: Path | None = None
+        if packed is not None:
+            # Workers run the packed graph; lone passes (mostly one text, nothing to save) the padded one.
+            padded = bundle / "model_int8_padded.onnx"
+            shutil.copyfile(path, padded)
+            path, metrics = packed
         shutil.copyfile(path, final)
         record = self.variant_record(final, "int8", "none", metrics, bars, validate.passes(metrics, bars))
+        if padded is not None:
+            record.padded_file, record.padded_sha256 = padded.name, sha256_file(padded)
+            record.padded_size_bytes = padded.stat().st_size
         record.quantization = {**search.record(metrics), "static_shape_values": static_shapes}
         self._admit("int8", record, final, variants)
 

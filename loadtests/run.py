@@ -44,7 +44,8 @@ from typing import Any
 import httpx
 
 from service.bench import DEVICE_VARIANTS, SHORT_TEXTS, long_text
-from service.engines.bundle import BundleModel
+from service.core.manifest import load_manifest
+from service.engines.bundle import BundleModel, lone_model_file
 from service.engines.ort_engine import Device, SessionConfig
 from service.engines.priority import set_pass_slot
 
@@ -200,7 +201,10 @@ def ceiling(bundle: Path, variant: str, seconds: float, device: Device = "cpu",
                       "single_thread": replace(fused, intra_op_threads=1)}
     if device == "cuda":  # the CPU's thread settings do not change a GPU pass
         single_configs = {"cuda": SessionConfig()}
-    single_models = {label: BundleModel(bundle, variant=variant, device=device, session_config=config)
+    # It also runs the variant's padded graph where the bundle has one (int8 with packed tokens), as that session does.
+    lone_file = lone_model_file(bundle, load_manifest(bundle), variant)
+    single_models = {label: BundleModel(bundle, variant=variant, device=device, session_config=config,
+                                        model_file=lone_file)
                      for label, config in single_configs.items()}
     tokenizer = next(iter(single_models.values())).tokenizer
     singles = [tokenizer.pad(tokenizer.encode([short_text(index)])) for index in range(CEILING_BATCHES * 8)]

@@ -57,6 +57,12 @@ class Variant:
     verified_on: list[str] = field(default_factory=lambda: ["cpu"])
     # Weight files beside `file` for models over protobuf's 2 GB limit, with their sha256.
     external_data: dict[str, str] = field(default_factory=dict)
+    # The same model with padded tokens, where `file` computes its token-wise operators on real tokens only
+    # (int8 "packed tokens"): the lone-pass session runs it, since a lone pass is mostly one text, which has
+    # no padding to save, and there the packed graph's extra operators cost 5-10%.
+    padded_file: str | None = None
+    padded_sha256: str = ""
+    padded_size_bytes: int = 0
 
 
 @dataclass
@@ -183,6 +189,13 @@ def load_manifest(bundle_dir: Path, verify_files: bool = True) -> Manifest:
             for data_file in variant.external_data:
                 if not (bundle_dir / data_file).is_file():
                     raise ManifestError(f"variant {name}: weight file {data_file} is missing from {bundle_dir}")
+            if variant.padded_file is not None:
+                padded = bundle_dir / variant.padded_file
+                if not padded.is_file():
+                    raise ManifestError(f"variant {name}: file {variant.padded_file} is missing from {bundle_dir}")
+                if padded.stat().st_size != variant.padded_size_bytes:
+                    raise ManifestError(
+                        f"variant {name}: {variant.padded_file} has changed since export (size differs)")
         if not (bundle_dir / manifest.tokenizer["file"]).is_file():
             raise ManifestError(f"tokenizer file {manifest.tokenizer['file']} is missing from {bundle_dir}")
     return manifest

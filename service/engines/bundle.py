@@ -29,6 +29,12 @@ def variant_session_config(variant: str, device: Device, config: SessionConfig |
     return config
 
 
+def lone_model_file(bundle_dir: Path, manifest: Manifest, variant: str) -> Path:
+    """The file a lone pass runs: the variant's padded graph where it has one (Variant.padded_file), else its file."""
+    record = manifest.variants[variant]
+    return bundle_dir / (record.padded_file or record.file)
+
+
 class BundleModel:
     """Everything needed to turn tokens into the bundle's outputs."""
 
@@ -58,14 +64,16 @@ class BundleModel:
             lowercase_input=self.manifest.lowercase_input,
         )
         session_config = variant_session_config(variant, device, session_config)
+        record = self.manifest.variants[variant]
         self.engine: Engine = engine or OrtEngine(
-            model_file or bundle_dir / self.manifest.variants[variant].file,
+            model_file or bundle_dir / record.file,
             input_names=self.manifest.input_names,
             output_name=self.manifest.output_name,
             device=device,
             config=session_config,
             lone_config=lone_session_config,
             sessions=sessions,
+            lone_model_path=None if model_file is not None else lone_model_file(bundle_dir, self.manifest, variant),
         )
         self._dense = DenseStack(bundle_dir, self.manifest.dense_layers)
 

@@ -180,6 +180,7 @@ class OrtEngine:
         config: SessionConfig | None = None,
         lone_config: SessionConfig | None = None,
         sessions: int = 1,
+        lone_model_path: Path | None = None,
     ) -> None:
         config = config or SessionConfig()
         self._cuda_device_id = config.cuda_device_id
@@ -190,7 +191,10 @@ class OrtEngine:
         self._sessions = [self._session] + [self._open(model_path, config, device)
                                             for _ in range(max(1, sessions) - 1 if device == "cpu" else 0)]
         # A lone pass (nothing else running or waiting) may use a second, wider session that spins.
-        self._lone_session = self._open(model_path, lone_config, device) if lone_config and device == "cpu" else None
+        # `lone_model_path`: the same model as another graph for it (see Variant.padded_file).
+        self.lone_model_path = lone_model_path or model_path
+        self._lone_session = (self._open(self.lone_model_path, lone_config, device)
+                              if lone_config and device == "cpu" else None)
         # The graph optimizers each kind of session runs without (see disabled_optimizers).
         self.disabled_optimizers = disabled_optimizers(config, device)
         self.lone_disabled_optimizers = (disabled_optimizers(lone_config, device)

@@ -73,6 +73,17 @@ def test_minilm_bundle_manifest_and_parity(minilm_bundle: Path, minilm_source: P
         int8.quantization["rowwise_nodes"]) - len(int8.quantization["blockwise_nodes"])
     assert all(entry["compensated_nodes"] == 36 - entry["rowwise_nodes"] - entry["blockwise_nodes"]
                for entry in tried if "error" not in entry)
+    # The chosen model runs its token-wise operators on real tokens only, measured again before it is kept;
+    # the manifest's parity is the packed model's. The padded graph stays beside it for lone passes.
+    packed = int8.quantization["packed_tokens"]
+    assert packed["kept"] and packed["layers"] == 6 and int8_ops.count("NonZero") == 1
+    assert int8.parity["mean_cosine"] == pytest.approx(packed["mean_cosine"], abs=1e-5)
+    assert int8.padded_file == "model_int8_padded.onnx"
+    padded_file = minilm_bundle / int8.padded_file
+    assert int8.padded_sha256 == sha256_file(padded_file) and int8.padded_size_bytes == padded_file.stat().st_size
+    padded_ops = [node.op_type for node in onnx.load(str(padded_file)).graph.node]
+    assert "NonZero" not in padded_ops and padded_ops.count("MatMulIntegerToFloat") == int8_ops.count(
+        "MatMulIntegerToFloat")
 
     # fp32 (O2) keeps each residual Add and its LayerNormalization apart for the CPU; fp16, for CUDA, fuses
     # them; the int8 graph is quantized from the export with its shape arithmetic made static.
@@ -83,7 +94,8 @@ def test_minilm_bundle_manifest_and_parity(minilm_bundle: Path, minilm_source: P
     assert {"Attention", "SkipLayerNormalization"} <= ops("float16")
     assert int8.quantization["static_shape_values"] == 30
     int8_graph = onnx.load(str(minilm_bundle / int8.file)).graph
-    assert sum(node.op_type == "Shape" for node in int8_graph.node) <= 4  # 22 as exported
+    # 22 as exported; packing adds one of its own (the padded output's shape, from input_ids)
+    assert sum(node.op_type == "Shape" and not node.name.startswith("packed/") for node in int8_graph.node) <= 4
     assert manifest.exporter["libraries"]["onnxruntime"]
     assert manifest.tokenizer["sha256"] == sha256_file(minilm_bundle / "tokenizer.json")
     # What the server will compute equals sentence-transformers on texts outside the probe set.
@@ -246,3 +258,31 @@ def test_models_with_external_weight_files(work_dir: Path, bge_style_source: Pat
 
     with pytest.raises(ManifestError, match="weight file"):
         load_manifest(bundle)
+
+
+def test_lone_passes_run_the_padded_int8_graph(minilm_bundle: Path, tmp_path: Path) -> None:
+    """Worker sessions run the packed int8 graph, the lone-pass session the padded one; both give the same
+    embeddings. A bundle whose padded graph is missing or changed is refused at load."""
+    from service.core.manifest import ManifestError
+    from service.engines.ort_engine import OrtEngine, SessionConfig
+
+    model = BundleModel(minilm_bundle, variant="int8", session_config=SessionConfig(intra_op_threads=1),
+                        lone_session_config=SessionConfig(intra_op_threads=2))
+    engine = model.engine
+    assert isinstance(engine, OrtEngine) and engine.has_lone_session
+    assert engine.model_path.name == "model_int8.onnx" and engine.lone_model_path.name == "model_int8_padded.onnx"
+    texts = ["a short one", "a somewhat longer text that pads the first one in the same batch"]
+    batch = model.tokenizer.pad(model.tokenizer.encode(texts))
+    worker, lone = model.forward_pooled(batch), model.forward_pooled(batch, lone=True)
+    cosines = (worker * lone).sum(axis=1) / np.linalg.norm(worker, axis=1) / np.linalg.norm(lone, axis=1)
+    assert cosines.min() > 0.995  # int8 both; the padded graph's dynamic scales also cover the padding rows
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(minilm_bundle, copy)
+    with (copy / "model_int8_padded.onnx").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ManifestError, match="model_int8_padded.onnx has changed"):
+        load_manifest(copy, verify_files=True)
+    (copy / "model_int8_padded.onnx").unlink()
+    with pytest.raises(ManifestError, match="model_int8_padded.onnx is missing"):
+        load_manifest(copy, verify_files=True)

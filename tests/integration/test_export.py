@@ -281,8 +281,8 @@ def test_lone_passes_run_the_padded_int8_graph(minilm_bundle: Path, tmp_path: Pa
     shutil.copytree(minilm_bundle, copy)
     with (copy / "model_int8_padded.onnx").open("ab") as handle:
         handle.write(b"\0")
-    with pytest.raises(ManifestError, match="model_int8_padded.onnx has changed"):
+    with pytest.raises(ManifestError, match=r"model_int8_padded\.onnx has changed"):
         load_manifest(copy, verify_files=True)
     (copy / "model_int8_padded.onnx").unlink()
-    with pytest.raises(ManifestError, match="model_int8_padded.onnx is missing"):
+    with pytest.raises(ManifestError, match=r"model_int8_padded\.onnx is missing"):
         load_manifest(copy, verify_files=True)

@@ -43,3 +43,18 @@ def test_successful_cli_export_prints_summary(tmp_path: Path, bge_style_source: 
     for stage in ("load", "export", "optimize", "quantize", "verify"):
         assert stage in result.stderr
     assert (tmp_path / "cli" / "manifest.json").is_file()
+
+
+def test_no_packed_tokens_keeps_one_padded_int8_graph(tmp_path: Path, bge_style_source: Path) -> None:
+    import json
+
+    import onnx
+
+    result = _run(str(bge_style_source), "--name", "padded", "--output", str(tmp_path), "--int8", "--force",
+                  "--no-packed-tokens")
+    assert result.returncode == 0, result.stderr
+    assert "packed tokens" not in result.stderr
+    int8 = json.loads((tmp_path / "padded" / "manifest.json").read_text())["variants"]["int8"]
+    assert int8["padded_file"] is None and int8["quantization"]["packed_tokens"] is None
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "padded" / int8["file"])).graph.node}
+    assert "NonZero" not in ops and not (tmp_path / "padded" / "model_int8_padded.onnx").exists()

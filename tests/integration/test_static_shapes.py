@@ -118,7 +118,11 @@ def test_int8_export_records_the_static_shapes_and_falls_back(work_dir: Path, bg
     int8 = load_manifest(bundle).variants["int8"]
     assert int8.quantization is not None and int8.quantization["static_shape_values"] >= 8
     graph = onnx.load(str(bundle / "model_int8.onnx"))
-    assert sum(node.op_type == "Shape" for node in graph.graph.node) <= 4
+    assert sum(node.op_type == "Shape" and not node.name.startswith("packed/") for node in graph.graph.node) <= 4
+    # Its static reshapes let the chosen graph be packed (both layers); the padded one stays beside it if kept.
+    packed = int8.quantization["packed_tokens"]
+    assert packed is not None and packed["layers"] == 2
+    assert (int8.padded_file == "model_int8_padded.onnx") is packed["kept"]
 
     def broken(source: Path, output: Path) -> int:
         raise RuntimeError("shape inference failed")
@@ -129,6 +133,9 @@ def test_int8_export_records_the_static_shapes_and_falls_back(work_dir: Path, bg
     manifest = load_manifest(fallback)
     assert manifest.variants["int8"].quantization["static_shape_values"] == 0  # type: ignore[index]
     assert sum(node.op_type == "Shape" for node in onnx.load(str(fallback / "model_int8.onnx")).graph.node) > 4
+    # Reshapes computed at run time: packing does not recognise the graph and the variant keeps one padded file.
+    assert manifest.variants["int8"].quantization["packed_tokens"] is None  # type: ignore[index]
+    assert manifest.variants["int8"].padded_file is None and not (fallback / "model_int8_padded.onnx").exists()
     assert BundleModel(fallback, variant="int8").embed(["still served"]).shape[0] == 1
 
 

@@ -3,7 +3,9 @@
 ONNX Runtime is called directly (through the same BundleModel the server uses) at batch 1, 8 and 32
 on short and long inputs, for every variant of the bundle that runs on the chosen device (the CPU:
 float32 and int8; CUDA: float32 and float16). Inputs are tokenized once beforehand, so the figures
-are the model's own speed on this machine: what a perfect server could reach.
+are the model's own speed on this machine: what a perfect server could reach. Batch 1 runs the
+variant's padded graph where the bundle has one (an int8 graph with packed tokens keeps its padded
+original for lone passes, as the server's lone-pass session runs it); each row names the file it timed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from service.core.manifest import load_manifest
-from service.engines.bundle import BundleModel
+from service.engines.bundle import BundleModel, lone_model_file
 from service.engines.ort_engine import Device, SessionConfig
 from service.engines.tokenizer import TextOrPair
 
@@ -41,6 +43,7 @@ class Measurement:
     ms_per_batch: float
     items_per_second: float
     tokens_per_item: float
+    file: str  # the ONNX file timed (Variant.padded_file at batch 1 where the bundle has one)
 
 
 def measure(model: BundleModel, texts: Sequence[TextOrPair], batch_size: int, seconds: float) -> tuple[float, float]:
@@ -79,23 +82,27 @@ def run_bench(bundle_dir: Path, variants: list[str] | None = None, batch_sizes: 
         inputs = {"pairs": [(query, long_text(100, seed)) for seed, query in enumerate(SHORT_TEXTS)]}
     for variant in variants or bench_variants(list(manifest.variants), device):
         config = SessionConfig(intra_op_threads=intra_op_threads)
-        model = BundleModel(bundle_dir, variant=variant, device=device, session_config=config)
+        record = manifest.variants[variant]
+        files = {bundle_dir / record.file, lone_model_file(bundle_dir, manifest, variant)}
+        models = {file: BundleModel(bundle_dir, variant=variant, device=device, session_config=config,
+                                    manifest=manifest, model_file=file) for file in files}
         for kind, texts in inputs.items():
             for size in batch_sizes:
-                ms, rate = measure(model, texts, size, seconds)
-                lengths = [len(item) for item in model.tokenizer.encode(texts)]
+                file = lone_model_file(bundle_dir, manifest, variant) if size == 1 else bundle_dir / record.file
+                ms, rate = measure(models[file], texts, size, seconds)
+                lengths = [len(item) for item in models[file].tokenizer.encode(texts)]
                 results.append(Measurement(variant, kind, size, round(ms, 3), round(rate, 1),
-                                           round(statistics.mean(lengths), 1)))
+                                           round(statistics.mean(lengths), 1), file.name))
     return results
 
 
 def main(bundle: str, output: str | None, seconds: float, device: Device = "cpu") -> int:
     results = run_bench(Path(bundle), seconds=seconds, device=device)
     print(f"device: {device}")
-    print(f"{'variant':<8} {'inputs':<6} {'batch':>5} {'ms/batch':>9} {'items/s':>9} {'tokens/item':>11}")
+    print(f"{'variant':<8} {'inputs':<6} {'batch':>5} {'ms/batch':>9} {'items/s':>9} {'tokens/item':>11}  file")
     for row in results:
         print(f"{row.variant:<8} {row.inputs:<6} {row.batch_size:>5} {row.ms_per_batch:>9.2f} "
-              f"{row.items_per_second:>9.1f} {row.tokens_per_item:>11.1f}")
+              f"{row.items_per_second:>9.1f} {row.tokens_per_item:>11.1f}  {row.file}")
     if output:
         Path(output).write_text(json.dumps([asdict(row) for row in results], indent=2))
     return 0

@@ -34,6 +34,24 @@ def test_bench_runs_a_real_bundle_on_the_cpu(cross_encoder_bundle: Path, tmp_pat
     assert all(row["items_per_second"] > 0 and row["inputs"] == "pairs" for row in rows)
 
 
+def test_bench_times_lone_passes_on_the_padded_graph(minilm_bundle: Path) -> None:
+    """An int8 bundle with packed tokens: batch 1 runs its padded graph (as the server's lone passes do),
+    wider batches the packed one; float32 has one file for all."""
+    from service.bench import run_bench
+    from service.core.manifest import load_manifest
+
+    int8 = load_manifest(minilm_bundle).variants["int8"]
+    assert int8.padded_file is not None
+    rows = run_bench(minilm_bundle, ["float32", "int8"], batch_sizes=(1, 8), seconds=0.02)
+    files = {(row.variant, row.inputs, row.batch_size): row.file for row in rows}
+    assert len(files) == 8
+    for inputs in ("short", "long"):
+        assert files[("int8", inputs, 1)] == int8.padded_file
+        assert files[("int8", inputs, 8)] == int8.file == "model_int8.onnx"
+        assert files[("float32", inputs, 1)] == files[("float32", inputs, 8)] == "model.onnx"
+    assert all(row.items_per_second > 0 for row in rows)
+
+
 def test_bench_on_cuda_without_a_gpu_says_so(bge_style_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from service.cli import main
     from service.engines.ort_engine import available_providers

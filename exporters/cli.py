@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write an accuracy-checked int8 variant for CPUs")
     parser.add_argument("--packed-tokens", action=argparse.BooleanOptionalAction, default=True,
                         help="int8: run the token-wise operators on real tokens only, not on padding (default: on)")
+    parser.add_argument("--packed-float32", action="store_true",
+                        help="fp32 too (off by default: faster for texts of mixed lengths, slower for many "
+                             "single-text clients; see the README)")
     parser.add_argument("--fp16", action="store_true", help="also write an fp16 variant for the CUDA provider")
     parser.add_argument("--optimize", choices=["auto", "none", "O1", "O2"], default="auto",
                         help="graph optimization of the fp32 variant (auto: O2 if it keeps parity, else O1)")
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         source=args.source, name=args.name, output=args.output, task=args.task, int8=args.int8,
         fp16=args.fp16, optimize=args.optimize, max_length=args.max_length, pooling=args.pooling,
         revision=args.revision, force=args.force, packed_tokens=args.packed_tokens,
+        packed_float32=args.packed_float32,
     )
     try:
         result = export_bundle(options, Progress(6))

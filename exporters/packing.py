@@ -1,9 +1,9 @@
-"""Packed tokens: the int8 graph computes its token-wise work on real tokens only, not on padding.
+"""Packed tokens: the fp32 and int8 graphs compute their token-wise work on real tokens only, not on padding.
 
 A batch of texts of different lengths is padded to its longest, and every padding position costs as
 much as a real token in each projection, LayerNorm and FFN (for 8-32 short texts a pass, 5-25% of the
 tokens; for texts of 5-250 words, over a third). Those operators treat tokens independently, so the
-exporter rewrites the int8 graph to run them on a [real tokens, hidden] matrix:
+exporter rewrites the fp32 and int8 graphs to run them on a [real tokens, hidden] matrix:
 
 - after the embeddings' LayerNormalization, the padded [batch, length, hidden] output is flattened and
   the real tokens gathered (their positions from `NonZero` of the attention mask);
@@ -11,7 +11,10 @@ exporter rewrites the int8 graph to run them on a [real tokens, hidden] matrix:
   queries, keys or values into heads, the packed rows are gathered back in [batch x length] order (every
   padding position reads one extra packed row, a copy of the first token, which attention masks), and
   the reshape that merges the heads again gives [batch x length, hidden] rows whose real ones are
-  gathered;
+  gathered; in a graph whose attention ONNX Runtime fused (the float32 variant's `Attention`, which also
+  projects the queries, keys and values), the rows are gathered back into [batch, length, hidden] before
+  each `Attention` and its output's real rows gathered after it, and the embeddings' fused
+  `EmbedLayerNormalization` takes the first LayerNormalization's place;
 - after the last LayerNormalization the output is padded again (padding positions hold that copy of
   the first token; pooling and the classifier heads never read them), so the graph's inputs and outputs
   are what they were and nothing else changes. Operators that read only a padded tensor's shape (`Shape`:
@@ -22,9 +25,14 @@ Exact in fp32 (padding rows never reach a real token: attention masks them). In 
 exact than the padded graph: the dynamic per-tensor activation scales are taken over real tokens only,
 no longer over padding rows whose values are whatever the model makes of them. The rewrite applies to the
 unfused graphs this exporter quantizes (a head-splitting reshape with a constant [0, -1, heads, head
-size] target, three per layer, and a head-merging one with [0, 0 or -1, hidden], one per layer); any
-other graph is left as it is (`pack` returns 0), and the packed graph is used only if it passes the
-int8 checks again.
+size] target, three per layer, and a head-merging one with [0, 0 or -1, hidden], one per layer) and to
+the fused float32 graph above; any other graph is left as it is (`pack` returns 0): one with
+`SkipLayerNormalization`, `MultiHeadAttention` or `QAttention`, or with both fused and unfused attention.
+The exporter uses a packed graph only if it passes its variant's checks again.
+
+A lone pass is mostly one text, with no padding to save. There the added operators (about 40 for
+MiniLM's six layers) cost an int8 pass of ~1.3 ms about 5% on two threads, so int8 bundles keep their
+padded graph for lone passes; an fp32 pass of ~3 ms measured level, so fp32 keeps one packed file.
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ from typing import Any
 
 import numpy as np
 
-# Fused operators that take [batch, length, hidden] inputs themselves: a graph with any of them is not rewritten.
-_FUSED = {"Attention", "MultiHeadAttention", "QAttention", "EmbedLayerNormalization", "SkipLayerNormalization"}
+# Fused operators that take [batch, length, hidden] inputs themselves and are not handled: a graph with any
+# of them is not rewritten. (`Attention` and `EmbedLayerNormalization` are; see `pack`.)
+_FUSED = {"MultiHeadAttention", "QAttention", "SkipLayerNormalization"}
 PREFIX = "packed"
 
 
@@ -61,10 +70,19 @@ def pack(model: Any) -> int:
     if not {"input_ids", "attention_mask"} <= inputs or any(node.op_type in _FUSED for node in graph.node):
         return 0
     norms = [node for node in graph.node if node.op_type == "LayerNormalization"]
+    embedding = [node for node in graph.node if node.op_type == "EmbedLayerNormalization"]
+    fused = [node for node in graph.node if node.op_type == "Attention"]
     initializers = {init.name: init for init in graph.initializer}
-    if len(norms) < 2 or norms[0].input[1] not in initializers:
+    # The embeddings' LayerNormalization (its scale gives the width) and the last one, the output's.
+    if len(embedding) > 1 or (embedding and len(embedding[0].input) < 6):
         return 0
-    hidden = int(np.prod(initializers[norms[0].input[1]].dims))
+    first, scale = (embedding[0], embedding[0].input[5]) if embedding else (norms[0] if norms else None, "")
+    if first is None or not norms or norms[-1] is first:
+        return 0
+    scale = scale or first.input[1]
+    if scale not in initializers:
+        return 0
+    hidden = int(np.prod(initializers[scale].dims))
     targets = _targets(model)
     splits, merges = [], []
     for node in graph.node:
@@ -75,12 +93,15 @@ def pack(model: Any) -> int:
             splits.append(node)
         elif len(target) == 3 and target[0] == 0 and target[1] in (0, -1) and target[2] == hidden:
             merges.append(node)
-    layers = len(merges)
-    if layers == 0 or len(splits) != 3 * layers:
+    if fused and (splits or merges):
         return 0
-    first, last = norms[0], norms[-1]
+    layers = len(fused) or len(merges)
+    if layers == 0 or len(splits) != (0 if fused else 3 * layers):
+        return 0
+    last = norms[-1]
     node_order = {id(node): index for index, node in enumerate(graph.node)}
-    if not all(node_order[id(first)] < node_order[id(node)] < node_order[id(last)] for node in [*splits, *merges]):
+    if not all(node_order[id(first)] < node_order[id(node)] < node_order[id(last)]
+               for node in [*splits, *merges, *fused]):
         return 0
 
     def name(suffix: str) -> str:
@@ -129,6 +150,7 @@ def pack(model: Any) -> int:
     renamed: dict[str, str] = {}  # a padded tensor's consumers read its packed replacement
     ordered: list[Any] = []
     split_ids, merge_ids = {id(node) for node in splits}, {id(node) for node in merges}
+    fused_ids = {id(node) for node in fused}
     for index, node in enumerate(graph.node):
         if head and node.op_type != "Constant":
             ordered.extend(head)
@@ -148,10 +170,16 @@ def pack(model: Any) -> int:
             node.input[1] = name(f"split_{target[2]}x{target[3]}")
         elif id(node) in merge_ids:
             node.input[1] = name("rows_shape")  # the merged heads as [batch x length, hidden] rows
+        elif id(node) in fused_ids:
+            # Fused attention reads [batch, length, hidden]: the packed rows back in that order and shape.
+            rows, scattered = name(f"attention{index}/rows"), name(f"attention{index}")
+            ordered.append(gather(node.input[0], "rows", rows))
+            ordered.append(make("Reshape", [rows, name("padded_shape")], [scattered], name=scattered))
+            node.input[0] = scattered
         ordered.append(node)
-        if node is first or id(node) in merge_ids:
+        if node is first or id(node) in merge_ids or id(node) in fused_ids:
             out = name(f"tokens{index}")
-            if node is first:
+            if node is first or id(node) in fused_ids:
                 flat = name(f"tokens{index}/flat")
                 ordered.append(make("Reshape", [node.output[0], name("rows_shape")], [flat], name=flat))
                 ordered.append(gather(flat, "taken", out))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 import exporters
-from exporters import onnx_export, probes, shapes, validate
+from exporters import onnx_export, packing, probes, shapes, validate
 from exporters.atomic import staged_directory
 from exporters.errors import ExportFailure, ExportInputError
 from exporters.int8_search import Int8Search
@@ -50,6 +50,7 @@ class ExportOptions:
     revision: str | None = None
     force: bool = False
     packed_tokens: bool = True  # int8: token-wise operators on real tokens only (exporters.packing)
+    packed_float32: bool = False  # the same for fp32 (off by default: see the README, "Packed tokens in fp32")
     bar_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -209,6 +210,15 @@ class _Exporter:
         else:
             self.progress.stage("quantize", "skipped (no --int8)")
 
+        # fp32 with packed tokens replaces the padded graph once the int8 search is done: that search holds
+        # its padded candidates to the padded fp32 graph's speed. Every session runs it (unlike int8's packed
+        # graph, it costs a lone text nothing: see exporters.packing); fp16 is converted from the padded one.
+        packed = self._pack_float32(fp32_path, fp32_record, check) if options.packed_float32 else None
+        if packed is not None:
+            shutil.copyfile(packed[0], final_fp32)
+            packed[1].file = final_fp32.name
+            variants["float32"] = packed[1]
+
         if options.fp16:
             self.progress.stage("fp16", "converting for the CUDA provider")
             fp16_path = onnx_export.convert_fp16(self._fp16_source(raw, fp32_path, fp32_record, scratch),
@@ -258,6 +268,31 @@ class _Exporter:
             if self.options.optimize != "auto":
                 raise ExportFailure(f"graph optimization {level} breaks parity: {record.parity}")
         return raw, raw_record
+
+    def _pack_float32(self, path: Path, record: Variant,
+                      check: Callable[[Path, str, str], tuple[Variant, BundleModel]]) -> tuple[Path, Variant] | None:
+        """The fp32 graph with packed tokens (exporters.packing) and its record, where the rewrite applies
+        and the packed graph passes the fp32 bar again; else None (the padded graph stays the only file).
+        A model whose weights live in external files (over protobuf's 2 GB) is left padded."""
+        if record.external_data:
+            self.progress.note("fp32 packed tokens: weights in external files; kept padded")
+            return None
+        packed = path.with_name(f"{path.stem}_packed.onnx")
+        try:
+            layers = packing.pack_file(path, packed)
+            if not layers:
+                self.progress.note("fp32 packed tokens: the graph does not have the expected shape; kept padded")
+                return None
+            packed_record, _ = check(packed, "float32", record.graph_optimization)
+        except Exception as error:  # a graph the rewrite gets wrong fails to load or run: keep the padded one
+            self.progress.note(f"fp32 packed tokens: failed ({type(error).__name__}: {error})"[:300])
+            return None
+        if not packed_record.passed:
+            self.progress.note(f"fp32 packed tokens: misses the fp32 bar ({packed_record.parity}); kept padded")
+            return None
+        self.progress.note(f"fp32 packed tokens: {layers} layers, parity {packed_record.parity}")
+        packed_record.packed_tokens = layers
+        return packed, packed_record
 
     def _fp16_source(self, raw: Path, fp32_path: Path, fp32_record: Variant, scratch: Path) -> Path:
         """The graph the fp16 variant is converted from: fp32's, with its residual Adds and LayerNormalizations
@@ -317,6 +352,7 @@ class _Exporter:
         if padded is not None:
             record.padded_file, record.padded_sha256 = padded.name, sha256_file(padded)
             record.padded_size_bytes = padded.stat().st_size
+            record.packed_tokens = (search.packed or {}).get("layers", 0)
         record.quantization = {**search.record(metrics), "static_shape_values": static_shapes}
         self._admit("int8", record, final, variants)
 

@@ -59,10 +59,11 @@ class Variant:
     external_data: dict[str, str] = field(default_factory=dict)
     # The same model with padded tokens, where `file` computes its token-wise operators on real tokens only
     # (int8 "packed tokens"): the lone-pass session runs it, since a lone pass is mostly one text, which has
-    # no padding to save, and there the packed graph's extra operators cost 5-10%.
+    # no padding to save, and there the packed int8 graph's extra operators cost 5-10%.
     padded_file: str | None = None
     padded_sha256: str = ""
     padded_size_bytes: int = 0
+    packed_tokens: int = 0  # attention layers whose token-wise operators `file` runs on real tokens only
 
 
 @dataclass

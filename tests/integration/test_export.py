@@ -92,6 +92,11 @@ def test_minilm_bundle_manifest_and_parity(minilm_bundle: Path, minilm_source: P
 
     assert {"Attention", "LayerNormalization"} <= ops("float32") and "SkipLayerNormalization" not in ops("float32")
     assert {"Attention", "SkipLayerNormalization"} <= ops("float16")
+    # fp32 stays padded unless asked (--packed-float32: see test_packed_float32_export).
+    assert int8.packed_tokens == 6 and manifest.variants["float32"].packed_tokens == 0
+    assert "NonZero" not in ops("float32") and "NonZero" not in ops("float16")
+    assert sorted(path.name for path in minilm_bundle.glob("*.onnx")) == [
+        "model.onnx", "model_fp16.onnx", "model_int8.onnx", "model_int8_padded.onnx"]
     assert int8.quantization["static_shape_values"] == 30
     int8_graph = onnx.load(str(minilm_bundle / int8.file)).graph
     # 22 as exported; packing adds one of its own (the padded output's shape, from input_ids)
@@ -247,6 +252,7 @@ def test_models_with_external_weight_files(work_dir: Path, bge_style_source: Pat
     manifest = load_manifest(bundle)
     fp32 = manifest.variants["float32"]
     assert fp32.external_data, "the fp32 variant should keep its weights in a side file"
+    assert fp32.padded_file is None and fp32.packed_tokens == 0  # not packed: one copy of the weights
     for name, digest in fp32.external_data.items():
         assert sha256_file(bundle / name) == digest
     assert fp32.parity["min_cosine"] >= 0.99999
@@ -258,6 +264,29 @@ def test_models_with_external_weight_files(work_dir: Path, bge_style_source: Pat
 
     with pytest.raises(ManifestError, match="weight file"):
         load_manifest(bundle)
+
+
+def test_packed_float32_export(work_dir: Path, bge_style_source: Path) -> None:
+    """--packed-float32: the fused fp32 graph runs its token-wise operators on real tokens, checked against
+    the source model like any fp32 graph, in one file every session runs; fp16 is converted from the padded
+    graph, and int8 is searched against the padded fp32 graph's speed as without the option."""
+    import onnx
+
+    bundle = export_quietly(bge_style_source, "tiny-packed-fp32", work_dir / "models", int8=True, fp16=True,
+                            packed_float32=True).bundle_dir
+    manifest = load_manifest(bundle, verify_files=True)
+    fp32 = manifest.variants["float32"]
+    assert fp32.packed_tokens == 2 and fp32.padded_file is None and fp32.graph_optimization == "O2"
+    assert fp32.passed and fp32.parity["min_cosine"] >= 0.99999
+
+    def ops(variant: str) -> list[str]:
+        return [node.op_type for node in onnx.load(str(bundle / manifest.variants[variant].file)).graph.node]
+
+    assert ops("float32").count("NonZero") == 1 and {"Attention", "EmbedLayerNormalization"} <= set(ops("float32"))
+    assert "NonZero" not in ops("float16") and "SkipLayerNormalization" in ops("float16")
+    texts = ["short", "a longer text than the first one, so that the batch has padding in it", "x y"]
+    ours = BundleModel(bundle, "float32").embed(texts)
+    assert _cosines(ours, _st_encode(bge_style_source, texts)).min() >= 0.99999
 
 
 def test_lone_passes_run_the_padded_int8_graph(minilm_bundle: Path, tmp_path: Path) -> None:

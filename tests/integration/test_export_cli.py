@@ -54,7 +54,10 @@ def test_no_packed_tokens_keeps_one_padded_int8_graph(tmp_path: Path, bge_style_
                   "--no-packed-tokens")
     assert result.returncode == 0, result.stderr
     assert "packed tokens" not in result.stderr
-    int8 = json.loads((tmp_path / "padded" / "manifest.json").read_text())["variants"]["int8"]
-    assert int8["padded_file"] is None and int8["quantization"]["packed_tokens"] is None
-    ops = {node.op_type for node in onnx.load(str(tmp_path / "padded" / int8["file"])).graph.node}
-    assert "NonZero" not in ops and not (tmp_path / "padded" / "model_int8_padded.onnx").exists()
+    variants = json.loads((tmp_path / "padded" / "manifest.json").read_text())["variants"]
+    assert variants["int8"]["quantization"]["packed_tokens"] is None
+    for record in variants.values():
+        assert record["padded_file"] is None and record["packed_tokens"] == 0
+        graph = onnx.load(str(tmp_path / "padded" / record["file"])).graph
+        assert "NonZero" not in {node.op_type for node in graph.node}
+    assert sorted(path.name for path in (tmp_path / "padded").glob("*.onnx")) == ["model.onnx", "model_int8.onnx"]

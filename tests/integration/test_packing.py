@@ -41,15 +41,16 @@ def _run(model: Path | bytes, batch: EncodedBatch) -> np.ndarray:
     return np.asarray(session.run(None, {key: value for key, value in feeds.items() if key in names})[0])
 
 
-def _check_exact(static: Path) -> onnx.ModelProto:
+def _check_exact(static: Path, gathers_per_layer: int = 4) -> onnx.ModelProto:
     batch = _batch(static)
     assert batch.attention_mask.mean() < 0.6  # mostly padding: the rewrite is exercised
     model = onnx.load(str(static))
     assert packing.pack(model) == 2  # two layers
     ops = [node.op_type for node in model.graph.node]
-    # One gather into packed rows, per layer three back for attention and one after it, one for the output.
+    # One gather into packed rows, per layer three back for attention (one for fused attention) and one
+    # after it, one for the output.
     assert ops.count("NonZero") == 1 and sum(node.op_type == "Gather" and node.name.startswith("packed/")
-                                             for node in model.graph.node) == 1 + 2 * 4 + 1
+                                             for node in model.graph.node) == 1 + 2 * gathers_per_layer + 1
     onnx.checker.check_model(model)
     before, after = _run(static, batch), _run(model.SerializeToString(), batch)
     assert before.shape == after.shape
@@ -79,9 +80,21 @@ def test_packed_cross_encoder_scores_the_same(work_dir: Path, cross_encoder_sour
     assert np.allclose(_run(static, batch), _run(model.SerializeToString(), batch), atol=1e-5)
 
 
+def test_packed_fused_float32_graph_computes_the_same_real_tokens(work_dir: Path, bge_style_source: Path) -> None:
+    """The float32 variant's graph: ONNX Runtime's fused Attention and EmbedLayerNormalization, each residual
+    Add and LayerNormalization apart. Attention reads and writes padded [batch, length, hidden] tensors."""
+    raw = onnx_export.export_onnx(resolve(str(bge_style_source)), work_dir / "packing-fused")
+    fused = onnx_export.optimize_graph(raw, "O2", raw.with_name("fused.onnx"), num_heads=0, hidden_size=0,
+                                       skip_layer_norm=False)
+    ops = {node.op_type for node in onnx.load(str(fused)).graph.node}
+    assert {"Attention", "EmbedLayerNormalization"} <= ops and "SkipLayerNormalization" not in ops
+    model = _check_exact(fused, gathers_per_layer=2)
+    assert [node.op_type for node in model.graph.node].count("Attention") == 2
+
+
 def test_graphs_of_another_shape_are_left_alone(work_dir: Path, bge_style_source: Path) -> None:
-    """A fused graph (ONNX Runtime's Attention takes padded input itself) and a graph whose reshapes are
-    computed at run time are not rewritten."""
+    """A fused graph with SkipLayerNormalization (which takes padded input itself) and a graph whose reshapes
+    are computed at run time are not rewritten."""
     raw = onnx_export.export_onnx(resolve(str(bge_style_source)), work_dir / "packing-raw")
     fused = onnx_export.optimize_graph(raw, "O2", work_dir / "packing-raw" / "fused.onnx", num_heads=0,
                                        hidden_size=0)

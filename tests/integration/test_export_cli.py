@@ -61,3 +61,13 @@ def test_no_packed_tokens_keeps_one_padded_int8_graph(tmp_path: Path, bge_style_
         graph = onnx.load(str(tmp_path / "padded" / record["file"])).graph
         assert "NonZero" not in {node.op_type for node in graph.node}
     assert sorted(path.name for path in (tmp_path / "padded").glob("*.onnx")) == ["model.onnx", "model_int8.onnx"]
+
+
+def test_packed_float32_through_the_cli(tmp_path: Path, bge_style_source: Path) -> None:
+    import json
+
+    result = _run(str(bge_style_source), "--name", "packed", "--output", str(tmp_path), "--packed-float32")
+    assert result.returncode == 0, result.stderr
+    assert "fp32 packed tokens: 2 layers" in result.stderr
+    fp32 = json.loads((tmp_path / "packed" / "manifest.json").read_text())["variants"]["float32"]
+    assert fp32["packed_tokens"] == 2 and fp32["padded_file"] is None and fp32["passed"]

@@ -119,20 +119,15 @@ class Int8Search:
             self._fp32_outputs = validate.model_outputs(self.fp32_model, self.eval_inputs)
         return self._fp32_outputs
 
-    def pack(self, path: Path, metrics: dict[str, float]) -> tuple[Path, dict[str, float]] | None:
-        """The chosen model with packed tokens (exporters.packing) and its metrics, where the rewrite applies
-        and the packed model, measured again, passes the bars and meets the target if the padded one did;
-        else None (the padded model stays the variant's only file)."""
-        packed = path.with_name(f"{path.stem}_packed.onnx")
-        try:
-            layers = packing.pack_file(path, packed)
-            if not layers:
-                self.note("int8 packed tokens: the graph does not have the expected shape; kept padded")
-                return None
-            packed_metrics = self._measure(self.load_int8(packed), self._baseline())
-        except Exception as error:  # a graph the rewrite gets wrong fails to load or run: keep the padded one
-            self.note(f"int8 packed tokens: failed ({type(error).__name__}: {error})"[:300])
+    def pack(self, path: Path, metrics: dict[str, float]) -> tuple[Path, dict[str, float], int] | None:
+        """The chosen model with packed tokens (exporters.packing), its metrics and layer count, where the
+        rewrite applies and the packed model, measured again, passes the bars and meets the target if the
+        padded one did; else None (the padded model stays the variant's only file)."""
+        tried = packing.try_pack(path, "int8", self.note,
+                                 lambda packed: self._measure(self.load_int8(packed), self._baseline()))
+        if tried is None:
             return None
+        packed, layers, packed_metrics = tried
         self.note("int8 packed tokens: " + ", ".join(f"{k}={v:.4f}" for k, v in packed_metrics.items()))
         kept = validate.passes(packed_metrics, self.bars) and (
             validate.passes(packed_metrics, self.target) or not validate.passes(metrics, self.target))
@@ -141,7 +136,7 @@ class Int8Search:
         if not kept:
             self.note("int8 packed tokens: below the padded model's standing; kept padded")
             return None
-        return packed, packed_metrics
+        return packed, packed_metrics, layers
 
     def _calibration_batches(self) -> list[Any]:
         tokenizer = self.fp32_model.tokenizer

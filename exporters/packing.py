@@ -37,10 +37,13 @@ padded graph for lone passes; an fp32 pass of ~3 ms measured level, so fp32 keep
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+Checked = TypeVar("Checked")
 
 # Fused operators that take [batch, length, hidden] inputs themselves and are not handled: a graph with any
 # of them is not rewritten. (`Attention` and `EmbedLayerNormalization` are; see `pack`.)
@@ -73,15 +76,14 @@ def pack(model: Any) -> int:
     embedding = [node for node in graph.node if node.op_type == "EmbedLayerNormalization"]
     fused = [node for node in graph.node if node.op_type == "Attention"]
     initializers = {init.name: init for init in graph.initializer}
-    # The embeddings' LayerNormalization (its scale gives the width) and the last one, the output's.
-    if len(embedding) > 1 or (embedding and len(embedding[0].input) < 6):
+    if not norms or len(embedding) > 1:
         return 0
-    first, scale = (embedding[0], embedding[0].input[5]) if embedding else (norms[0] if norms else None, "")
-    if first is None or not norms or norms[-1] is first:
+    # The embeddings' (Embed)LayerNormalization, whose scale gives the width, and the last one, the output's.
+    first = embedding[0] if embedding else norms[0]
+    scale_input = 5 if embedding else 1
+    if first is norms[-1] or len(first.input) <= scale_input or first.input[scale_input] not in initializers:
         return 0
-    scale = scale or first.input[1]
-    if scale not in initializers:
-        return 0
+    scale = first.input[scale_input]
     hidden = int(np.prod(initializers[scale].dims))
     targets = _targets(model)
     splits, merges = [], []
@@ -206,3 +208,20 @@ def pack_file(source: Path, output: Path) -> int:
     if layers:
         onnx.save(model, str(output))
     return layers
+
+
+def try_pack(path: Path, label: str, note: Callable[[str], None],
+             check: Callable[[Path], Checked]) -> tuple[Path, int, Checked] | None:
+    """`pack_file` of `path` into `<stem>_packed.onnx` beside it, then `check` of the packed file: the packed
+    file, its layer count and what `check` returned; None, with a note saying why, where the rewrite does not
+    apply or the packed graph fails to load or run (the caller keeps the padded graph)."""
+    packed = path.with_name(f"{path.stem}_packed.onnx")
+    try:
+        layers = pack_file(path, packed)
+        if not layers:
+            note(f"{label} packed tokens: the graph does not have the expected shape; kept padded")
+            return None
+        return packed, layers, check(packed)
+    except Exception as error:  # a graph the rewrite gets wrong fails to load or run: keep the padded one
+        note(f"{label} packed tokens: failed ({type(error).__name__}: {error})"[:300])
+        return None

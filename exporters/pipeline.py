@@ -277,16 +277,11 @@ class _Exporter:
         if record.external_data:
             self.progress.note("fp32 packed tokens: weights in external files; kept padded")
             return None
-        packed = path.with_name(f"{path.stem}_packed.onnx")
-        try:
-            layers = packing.pack_file(path, packed)
-            if not layers:
-                self.progress.note("fp32 packed tokens: the graph does not have the expected shape; kept padded")
-                return None
-            packed_record, _ = check(packed, "float32", record.graph_optimization)
-        except Exception as error:  # a graph the rewrite gets wrong fails to load or run: keep the padded one
-            self.progress.note(f"fp32 packed tokens: failed ({type(error).__name__}: {error})"[:300])
+        tried = packing.try_pack(path, "fp32", self.progress.note,
+                                 lambda packed: check(packed, "float32", record.graph_optimization)[0])
+        if tried is None:
             return None
+        packed, layers, packed_record = tried
         if not packed_record.passed:
             self.progress.note(f"fp32 packed tokens: misses the fp32 bar ({packed_record.parity}); kept padded")
             return None
@@ -342,17 +337,18 @@ class _Exporter:
         packed = search.pack(path, metrics) if self.options.packed_tokens else None
         final = bundle / "model_int8.onnx"
         padded: Path | None = None
+        layers = 0
         if packed is not None:
             # Workers run the packed graph; lone passes (mostly one text, nothing to save) the padded one.
             padded = bundle / "model_int8_padded.onnx"
             shutil.copyfile(path, padded)
-            path, metrics = packed
+            path, metrics, layers = packed
         shutil.copyfile(path, final)
         record = self.variant_record(final, "int8", "none", metrics, bars, validate.passes(metrics, bars))
         if padded is not None:
             record.padded_file, record.padded_sha256 = padded.name, sha256_file(padded)
             record.padded_size_bytes = padded.stat().st_size
-            record.packed_tokens = (search.packed or {}).get("layers", 0)
+            record.packed_tokens = layers
         record.quantization = {**search.record(metrics), "static_shape_values": static_shapes}
         self._admit("int8", record, final, variants)
 

@@ -82,13 +82,12 @@ def run_bench(bundle_dir: Path, variants: list[str] | None = None, batch_sizes: 
         inputs = {"pairs": [(query, long_text(100, seed)) for seed, query in enumerate(SHORT_TEXTS)]}
     for variant in variants or bench_variants(list(manifest.variants), device):
         config = SessionConfig(intra_op_threads=intra_op_threads)
-        record = manifest.variants[variant]
-        files = {bundle_dir / record.file, lone_model_file(bundle_dir, manifest, variant)}
+        batched, lone = bundle_dir / manifest.variants[variant].file, lone_model_file(bundle_dir, manifest, variant)
         models = {file: BundleModel(bundle_dir, variant=variant, device=device, session_config=config,
-                                    manifest=manifest, model_file=file) for file in files}
+                                    manifest=manifest, model_file=file) for file in {batched, lone}}
         for kind, texts in inputs.items():
             for size in batch_sizes:
-                file = lone_model_file(bundle_dir, manifest, variant) if size == 1 else bundle_dir / record.file
+                file = lone if size == 1 else batched
                 ms, rate = measure(models[file], texts, size, seconds)
                 lengths = [len(item) for item in models[file].tokenizer.encode(texts)]
                 results.append(Measurement(variant, kind, size, round(ms, 3), round(rate, 1),

@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write an accuracy-checked int8 variant for CPUs")
     parser.add_argument("--packed-tokens", action=argparse.BooleanOptionalAction, default=True,
                         help="int8: run the token-wise operators on real tokens only, not on padding (default: on)")
-    parser.add_argument("--packed-float32", action="store_true",
-                        help="fp32 too (off by default: faster for texts of mixed lengths, slower for many "
-                             "single-text clients; see the README)")
+    parser.add_argument("--packed-float32", action=argparse.BooleanOptionalAction, default=True,
+                        help="fp32 too (default: on; --no-packed-float32 keeps the padded fp32 graph, e.g. for "
+                             "fp32 on CUDA, where the packed one is unmeasured; see the README)")
     parser.add_argument("--fp16", action="store_true", help="also write an fp16 variant for the CUDA provider")
     parser.add_argument("--optimize", choices=["auto", "none", "O1", "O2"], default="auto",
                         help="graph optimization of the fp32 variant (auto: O2 if it keeps parity, else O1)")

@@ -50,7 +50,7 @@ class ExportOptions:
     revision: str | None = None
     force: bool = False
     packed_tokens: bool = True  # int8: token-wise operators on real tokens only (exporters.packing)
-    packed_float32: bool = False  # the same for fp32 (off by default: see the README, "Packed tokens in fp32")
+    packed_float32: bool = True  # the same for fp32 (see the README, "Packed tokens in fp32")
     bar_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
 
 

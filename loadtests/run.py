@@ -110,12 +110,15 @@ def throughput(forward: Callable[[Any], Any], batches: list[Any], size: int, wor
 def _layouts(device: Device) -> dict[str, tuple[SessionConfig, int, int]]:
     """The ways of running passes a ceiling tries, as (session settings, passes at once, sessions). On
     the CPU: one pass at a time on all cores, two such passes at once, or one single-threaded pass per
-    core, on one session or each on a session of its own (as the server runs int8). On CUDA the GPU runs
-    each pass: one at a time, or two at once (one's host work overlapping the other's kernels)."""
+    core, on one session with or without ONNX Runtime's CPU arena (as the server runs float32) or each
+    on a session of its own (as the server runs int8). On CUDA the GPU runs each pass: one at a time, or
+    two at once (one's host work overlapping the other's kernels)."""
     layouts = {"1_pass": (SessionConfig(), 1, 1), "2_pass": (SessionConfig(), 2, 1)}
     if device == "cpu":
         cores = len(os.sched_getaffinity(0))
         layouts[f"{cores}_single_thread_passes"] = (SessionConfig(intra_op_threads=1), cores, 1)
+        layouts[f"{cores}_single_thread_passes_no_arena"] = (SessionConfig(intra_op_threads=1, cpu_arena=False),
+                                                             cores, 1)
         layouts[f"{cores}_single_thread_sessions"] = (SessionConfig(intra_op_threads=1), cores, cores)
     return layouts
 

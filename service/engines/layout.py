@@ -39,6 +39,16 @@ smaller and long texts lost: rerank 1.03x, 8 x 32 texts 1.01x, 32 single-text cl
 each), 8 x one 256-token text 0.96x (0 of 6); the default follows the larger gains, and
 `--engine-sessions 1` keeps one shared session.
 
+float32 passes that share a session run it without ONNX Runtime's CPU arena (service.core.loading), each
+buffer from the C library's heap of the thread that runs the pass: with one arena, the two passes' buffers
+come from blocks the other core last used. Measured on the 2-core Zen 4 EPYC (2026-12-07,
+`loadtests.interleave`, six rounds of 8 s), fp32 MiniLM with packed tokens (the default export), 32
+single-text clients 1.065x without the arena (ahead in 5 of 6); against the padded graph with the arena
+(the code and export before), 32 single-text clients 1.045x (5 of 6), 8 x 32 texts 1.016x (3 of 6), 32
+clients of 5-250 words 1.112x (6 of 6), one client 0.987x (3 of 6), 8 clients of 256-token texts
+0.967x-0.981x (1 and 0 of 6), rerank of 20 pairs 1.008x (3 of 6). int8 passes keep their arenas on a
+shared session too (`--engine-sessions 1`): there 10-pair rerank batches ran 0.90x without it.
+
 `--intra-op-threads` and `--engine-workers` override either choice (with `--engine-workers` alone,
 int8 passes keep half the cores and fp32 passes share them); whenever passes x threads fit in the
 cores, any batch may overlap.
@@ -59,6 +69,11 @@ class ThreadLayout:
     overlap_tokens: int | None  # None: a batch of any size may run beside another
     lone_threads: int | None = None  # a lone batch runs on a second, spinning session this wide (None: no)
     sessions: int = 1  # main sessions; worker i runs its passes on session i % sessions
+
+    @property
+    def shares_sessions(self) -> bool:
+        """Passes that run at once share a main session (and so its CPU arena, see `main_session_config`)."""
+        return self.workers > self.sessions
 
     def describe(self) -> str:
         overlap = "any batch" if self.overlap_tokens is None else f"batches <= {self.overlap_tokens} tokens"

@@ -92,9 +92,9 @@ def test_minilm_bundle_manifest_and_parity(minilm_bundle: Path, minilm_source: P
 
     assert {"Attention", "LayerNormalization"} <= ops("float32") and "SkipLayerNormalization" not in ops("float32")
     assert {"Attention", "SkipLayerNormalization"} <= ops("float16")
-    # fp32 stays padded unless asked (--packed-float32: see test_packed_float32_export).
-    assert int8.packed_tokens == 6 and manifest.variants["float32"].packed_tokens == 0
-    assert "NonZero" not in ops("float32") and "NonZero" not in ops("float16")
+    # fp32 packs its tokens too (see test_packed_float32_export); fp16 is converted from the padded graph.
+    assert int8.packed_tokens == 6 and manifest.variants["float32"].packed_tokens == 6
+    assert "NonZero" in ops("float32") and "NonZero" not in ops("float16")
     assert sorted(path.name for path in minilm_bundle.glob("*.onnx")) == [
         "model.onnx", "model_fp16.onnx", "model_int8.onnx", "model_int8_padded.onnx"]
     assert int8.quantization["static_shape_values"] == 30
@@ -267,13 +267,13 @@ def test_models_with_external_weight_files(work_dir: Path, bge_style_source: Pat
 
 
 def test_packed_float32_export(work_dir: Path, bge_style_source: Path) -> None:
-    """--packed-float32: the fused fp32 graph runs its token-wise operators on real tokens, checked against
-    the source model like any fp32 graph, in one file every session runs; fp16 is converted from the padded
-    graph, and int8 is searched against the padded fp32 graph's speed as without the option."""
+    """By default the fused fp32 graph runs its token-wise operators on real tokens, checked against the
+    source model like any fp32 graph, in one file every session runs; fp16 is converted from the padded
+    graph, and int8 is searched against the padded fp32 graph's speed, as with --no-packed-float32."""
     import onnx
 
-    bundle = export_quietly(bge_style_source, "tiny-packed-fp32", work_dir / "models", int8=True, fp16=True,
-                            packed_float32=True).bundle_dir
+    bundle = export_quietly(bge_style_source, "tiny-packed-fp32", work_dir / "models", int8=True,
+                            fp16=True).bundle_dir
     manifest = load_manifest(bundle, verify_files=True)
     fp32 = manifest.variants["float32"]
     assert fp32.packed_tokens == 2 and fp32.padded_file is None and fp32.graph_optimization == "O2"

@@ -51,7 +51,7 @@ def test_no_packed_tokens_keeps_one_padded_int8_graph(tmp_path: Path, bge_style_
     import onnx
 
     result = _run(str(bge_style_source), "--name", "padded", "--output", str(tmp_path), "--int8", "--force",
-                  "--no-packed-tokens")
+                  "--no-packed-tokens", "--no-packed-float32")
     assert result.returncode == 0, result.stderr
     assert "packed tokens" not in result.stderr
     variants = json.loads((tmp_path / "padded" / "manifest.json").read_text())["variants"]
@@ -66,7 +66,7 @@ def test_no_packed_tokens_keeps_one_padded_int8_graph(tmp_path: Path, bge_style_
 def test_packed_float32_through_the_cli(tmp_path: Path, bge_style_source: Path) -> None:
     import json
 
-    result = _run(str(bge_style_source), "--name", "packed", "--output", str(tmp_path), "--packed-float32")
+    result = _run(str(bge_style_source), "--name", "packed", "--output", str(tmp_path))  # packed by default
     assert result.returncode == 0, result.stderr
     assert "fp32 packed tokens: 2 layers" in result.stderr
     fp32 = json.loads((tmp_path / "packed" / "manifest.json").read_text())["variants"]["float32"]

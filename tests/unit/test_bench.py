@@ -67,7 +67,8 @@ def test_load_test_ceilings_try_the_layouts_of_their_device() -> None:
 
     cores = len(os.sched_getaffinity(0))
     assert set(_layouts("cpu")) == {"1_pass", "2_pass", f"{cores}_single_thread_passes",
-                                    f"{cores}_single_thread_sessions"}
+                                    f"{cores}_single_thread_passes_no_arena", f"{cores}_single_thread_sessions"}
+    assert not _layouts("cpu")[f"{cores}_single_thread_passes_no_arena"][0].cpu_arena
     assert set(_layouts("cuda")) == {"1_pass", "2_pass"}
     machine = {"cpu": "Some CPU", "cores": 16, "gpu": "NVIDIA H200"}
     assert _machine_line({"machine": machine, "device": "cuda"}) == "Some CPU, 16 cores; CUDA provider on NVIDIA H200"

@@ -150,6 +150,48 @@ def test_engine_sessions_follow_the_layout_and_the_setting(bge_style_bundle: Pat
     assert first.first_thread == threading.get_ident() != second.first_thread
 
 
+def test_a_session_that_passes_share_runs_without_its_arena(bge_style_bundle: Path,
+                                                            minilm_bundle: Path) -> None:
+    """float32 passes that run at once on one main session would share its CPU arena, so that session goes
+    without one (its buffers come from the C heap, per thread); a session of its own per pass, the lone-pass
+    session and int8 keep theirs. Handing memory back still works with both kinds (ONNX Runtime refuses the
+    arena shrinkage option on a session without an arena)."""
+    from service.config import Settings
+    from service.core.loading import load_configured
+
+    def load(bundle: Path = bge_style_bundle, **settings: object) -> Any:
+        registry = load_configured(Settings(model_id=[str(bundle)], engine_workers=2,  # type: ignore[arg-type]
+                                            lone_pass=True, **settings))
+        return registry.models[0]
+
+    def arenas(sessions: list[Any]) -> list[bool]:
+        return [bool(session.get_session_options().enable_cpu_mem_arena) for session in sessions]
+
+    shared = load()
+    engine = shared.bundle.engine
+    assert shared.layout.shares_sessions and engine.session_count == 1
+    assert arenas(engine._sessions) == [False] and arenas([engine._lone_session]) == [True]
+    assert engine._arena_sessions == [engine._lone_session]
+    engine.release_memory()
+    engine.drop_lone_session()
+    assert engine._arena_sessions == []
+    engine.release_memory()
+    batch = shared.bundle.tokenizer.pad(shared.bundle.tokenizer.encode(["still answered", "after release"]))
+    assert shared.bundle.forward_pooled(batch).shape == (2, 32)
+
+    own = load(engine_sessions=2)
+    engine = own.bundle.engine
+    assert not own.layout.shares_sessions
+    assert arenas(engine._sessions) == [True, True] and arenas([engine._lone_session]) == [True]
+    assert len(engine._arena_sessions) == 3
+    engine.release_memory()
+
+    int8 = load(minilm_bundle, dtype="int8", engine_sessions=1)
+    assert int8.variant == "int8" and int8.layout.shares_sessions
+    assert arenas(int8.bundle.engine._sessions) == [True]
+    int8.bundle.engine.release_memory()
+
+
 def test_lone_pass_session_is_kept_only_where_it_was_measured_faster(bge_style_bundle: Path) -> None:
     """With --lone-pass auto the server loads both sessions, times a short lone request on each during
     warm-up, and keeps the second only if it was at least 10% faster; a dropped one serves nothing more."""
@@ -218,35 +260,41 @@ def test_float16_on_cuda_keeps_away_from_cudnn_attention() -> None:
                                                           or SessionConfig())
 
 
-def test_skip_layer_norm_fusion_is_off_for_load_and_on_for_lone_requests(bge_style_bundle: Path,
+def test_skip_layer_norm_fusion_is_off_for_load_and_on_for_lone_requests(bge_style_bundle: Path, bge_style_source: Path,
                                                                           tmp_path: Path) -> None:
     """The sessions that serve load run without ONNX Runtime's SkipLayerNormalization fusion (slower on
     CPUs for passes of several texts); the lone-pass session and CUDA keep it. The optimizer's name is
-    checked against ONNX Runtime itself: the graph it optimizes keeps LayerNormalization apart with it."""
+    checked against ONNX Runtime itself: the padded graph it optimizes keeps LayerNormalization apart with it.
+    A graph with packed tokens has nothing to fuse (its residuals are rows of real tokens, not 3-D)."""
     import onnx
     import onnxruntime as ort
 
     from service.config import Settings
     from service.core.loading import load_configured
     from service.engines.ort_engine import SKIP_LAYER_NORM_FUSION, SessionConfig, disabled_optimizers, session_options
+    from tests.conftest import export_quietly
 
     assert disabled_optimizers(SessionConfig(), "cpu") == [SKIP_LAYER_NORM_FUSION]
     assert disabled_optimizers(SessionConfig(skip_layer_norm_fusion=True), "cpu") == []
     assert disabled_optimizers(SessionConfig(), "cuda") == []
 
-    def optimized_ops(config: SessionConfig) -> set[str]:
+    padded = export_quietly(bge_style_source, "tiny-padded", tmp_path / "models", packed_float32=False).bundle_dir
+
+    def optimized_ops(config: SessionConfig, bundle: Path = padded) -> set[str]:
         options = session_options(config)
         options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-        ort.InferenceSession(str(bge_style_bundle / "model.onnx"), options, providers=["CPUExecutionProvider"],
+        ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"],
                              disabled_optimizers=disabled_optimizers(config, "cpu"))
         return {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
 
     # The exported fp32 graph leaves them apart; ONNX Runtime fuses them when loading unless told not to.
-    exported = {node.op_type for node in onnx.load(str(bge_style_bundle / "model.onnx")).graph.node}
+    exported = {node.op_type for node in onnx.load(str(padded / "model.onnx")).graph.node}
     assert "LayerNormalization" in exported and "SkipLayerNormalization" not in exported and "Attention" in exported
     apart = optimized_ops(SessionConfig(intra_op_threads=1))
     assert "LayerNormalization" in apart and "SkipLayerNormalization" not in apart
     assert "SkipLayerNormalization" in optimized_ops(SessionConfig(intra_op_threads=1, skip_layer_norm_fusion=True))
+    packed = optimized_ops(SessionConfig(intra_op_threads=1, skip_layer_norm_fusion=True), bge_style_bundle)
+    assert "NonZero" in packed and "LayerNormalization" in packed and "SkipLayerNormalization" not in packed
 
     registry = load_configured(Settings(model_id=[str(bge_style_bundle)], lone_pass=True, warmup=False))  # type: ignore[call-arg]
     engine = registry.models[0].bundle.engine  # type: ignore[attr-defined]

@@ -40,8 +40,10 @@ each), 8 x one 256-token text 0.96x (0 of 6); the default follows the larger gai
 `--engine-sessions 1` keeps one shared session.
 
 float32 passes that share a session run it without ONNX Runtime's CPU arena (service.core.loading), each
-buffer from the C library's heap of the thread that runs the pass: with one arena, the two passes' buffers
-come from blocks the other core last used. Measured on the 2-core Zen 4 EPYC (2026-12-07,
+buffer from the C library's heap of the thread that runs the pass, not from blocks the other pass (and
+core) may have used last; why one shared arena costs small passes is not established, and its cost
+moved from run to run (in-process, a packed graph on a shared session ran 535-636 texts/s with it,
+574-654 without). Measured on the 2-core Zen 4 EPYC (2026-12-07,
 `loadtests.interleave`, six rounds of 8 s), fp32 MiniLM with packed tokens (the default export), 32
 single-text clients 1.065x without the arena (ahead in 5 of 6); against the padded graph with the arena
 (the code and export before), 32 single-text clients 1.045x (5 of 6), 8 x 32 texts 1.016x (3 of 6), 32
@@ -72,7 +74,8 @@ class ThreadLayout:
 
     @property
     def shares_sessions(self) -> bool:
-        """Passes that run at once share a main session (and so its CPU arena, see `main_session_config`)."""
+        """Passes that run at once share a main session (and so its CPU arena: see
+        service.core.loading.shared_arena)."""
         return self.workers > self.sessions
 
     def describe(self) -> str:

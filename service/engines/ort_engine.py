@@ -38,7 +38,8 @@ class SessionConfig:
     `memory_pattern` pre-plans buffers per input shape: with ever-changing sequence lengths it only
     adds plans, so it is off by default. The CPU arena keeps freed blocks for reuse; with
     `arena_extend_strategy=kSameAsRequested` it grows only by what is asked for, which keeps RSS close
-    to the largest batch seen instead of doubling. ONNX Runtime's worker threads spin between
+    to the largest batch seen instead of doubling (a float32 session that passes share goes without it:
+    see service.engines.layout). ONNX Runtime's worker threads spin between
     operators by default; in a server that burns the CPU the event loop needs to feed the next batch,
     so spinning is off unless asked for; `spin_microseconds` bounds each spin, which keeps most of the
     latency gain at a smaller cost. Spinning threads stop the moment the last running pass ends

@@ -196,11 +196,6 @@ class OrtEngine:
         self.lone_model_path = lone_model_path or model_path
         self._lone_session = (self._open(self.lone_model_path, lone_config, device)
                               if lone_config and device == "cpu" else None)
-        # The sessions with an arena to shrink (ONNX Runtime refuses the shrinkage option for a CPU session without).
-        self._arena_sessions: list[Any] = [session for session in self._sessions
-                                           if device == "cuda" or config.cpu_arena]
-        if self._lone_session is not None and lone_config is not None and lone_config.cpu_arena:
-            self._arena_sessions.append(self._lone_session)
         # The graph optimizers each kind of session runs without (see disabled_optimizers).
         self.disabled_optimizers = disabled_optimizers(config, device)
         self.lone_disabled_optimizers = (disabled_optimizers(lone_config, device)
@@ -268,8 +263,10 @@ class OrtEngine:
         arenas = f"cpu:0;gpu:{self._cuda_device_id}" if self.device == "cuda" else "cpu:0"
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
         one = np.ones((1, 1), dtype=np.int64)
-        for session in self._arena_sessions:
-            session.run([self.output_name], self._feeds(EncodedBatch(one, one, np.zeros_like(one))), options)
+        for session in (*self._sessions, self._lone_session):
+            # ONNX Runtime refuses the shrinkage option for a CPU session without an arena.
+            if session is not None and (self.device == "cuda" or session.get_session_options().enable_cpu_mem_arena):
+                session.run([self.output_name], self._feeds(EncodedBatch(one, one, np.zeros_like(one))), options)
         if self.device == "cpu":
             trim_heap()
 
@@ -284,7 +281,6 @@ class OrtEngine:
 
     def drop_lone_session(self) -> None:
         """Serve lone passes on the main session from now on (the second session's memory goes with it)."""
-        self._arena_sessions = [session for session in self._arena_sessions if session is not self._lone_session]
         self._lone_session = None
 
     def forward(self, batch: EncodedBatch, lone: bool = False) -> NDArray[np.float32]:

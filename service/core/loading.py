@@ -15,7 +15,7 @@ from service.batching.policy import pass_token_budget
 from service.core.manifest import MANIFEST_FILE, ManifestError, load_manifest
 from service.core.registry import ModelRegistry, ServedModel
 from service.engines.bundle import BundleModel
-from service.engines.layout import ThreadLayout, thread_layout
+from service.engines.layout import thread_layout
 from service.engines.ort_engine import EngineError, SessionConfig, cuda_available, default_intra_op_threads
 from service.engines.priority import set_pass_slot
 from service.engines.tokenizer import TokenizedItem
@@ -177,13 +177,6 @@ def warm_up(model: ServedModel, pass_tokens: int, max_batch_requests: int | None
         release()
 
 
-def shared_arena(variant: str, device: str, layout: ThreadLayout) -> bool:
-    """Whether float32 passes on CPU would share one main session's arena, which then goes (see
-    service.engines.layout). int8 keeps it either way: on one shared session, 10-pair rerank batches ran
-    0.90x without it."""
-    return device == "cpu" and variant == "float32" and layout.shares_sessions
-
-
 def load_models(model_ids: list[str], served_names: list[str], models_dir: Path, device: str, dtype: str,
                 session_config: SessionConfig, max_batch_tokens: int, max_batch_requests: int | None,
                 warmup: bool = True, engine_workers: int | None = None, lone_pass: bool | None = None,
@@ -214,8 +207,7 @@ def load_models(model_ids: list[str], served_names: list[str], models_dir: Path,
         try:
             bundle = BundleModel(directory, variant=variant, device=chosen_device,  # type: ignore[arg-type]
                                  session_config=replace(session_config, intra_op_threads=layout.intra_op_threads,
-                                                        cpu_arena=session_config.cpu_arena and not shared_arena(
-                                                            variant, chosen_device, layout)),
+                                                        cpu_arena=session_config.cpu_arena and layout.arena),
                                  manifest=manifest, lone_session_config=replace(
                                      session_config, intra_op_threads=layout.lone_threads, allow_spinning=True,
                                      spin_microseconds=0, skip_layer_norm_fusion=True) if layout.lone_threads else None,

@@ -39,7 +39,7 @@ smaller and long texts lost: rerank 1.03x, 8 x 32 texts 1.01x, 32 single-text cl
 each), 8 x one 256-token text 0.96x (0 of 6); the default follows the larger gains, and
 `--engine-sessions 1` keeps one shared session.
 
-float32 passes that share a session run it without ONNX Runtime's CPU arena (service.core.loading), each
+float32 passes that share a session run it without ONNX Runtime's CPU arena (`ThreadLayout.arena`), each
 buffer from the C library's heap of the thread that runs the pass, not from blocks the other pass (and
 core) may have used last; why one shared arena costs small passes is not established, and its cost
 moved from run to run (in-process, a packed graph on a shared session ran 535-636 texts/s with it,
@@ -71,18 +71,15 @@ class ThreadLayout:
     overlap_tokens: int | None  # None: a batch of any size may run beside another
     lone_threads: int | None = None  # a lone batch runs on a second, spinning session this wide (None: no)
     sessions: int = 1  # main sessions; worker i runs its passes on session i % sessions
-
-    @property
-    def shares_sessions(self) -> bool:
-        """Passes that run at once share a main session (and so its CPU arena: see
-        service.core.loading.shared_arena)."""
-        return self.workers > self.sessions
+    arena: bool = True  # the main sessions keep ONNX Runtime's CPU arena (float32 passes sharing one do not)
 
     def describe(self) -> str:
         overlap = "any batch" if self.overlap_tokens is None else f"batches <= {self.overlap_tokens} tokens"
         lone = f"; a lone batch on {self.lone_threads} spinning threads" if self.lone_threads else ""
         sessions = f" on {self.sessions} sessions" if self.sessions > 1 else ""
-        return f"{self.workers} passes x {self.intra_op_threads} threads{sessions}, overlapping {overlap}{lone}"
+        arena = "" if self.arena else " without the CPU arena"
+        return (f"{self.workers} passes x {self.intra_op_threads} threads{sessions}{arena}, "
+                f"overlapping {overlap}{lone}")
 
 
 def thread_layout(variant: str, device: str, cores: int, intra_op_threads: int | None = None,
@@ -108,5 +105,9 @@ def thread_layout(variant: str, device: str, cores: int, intra_op_threads: int |
         sessions = 1
     elif sessions is None:
         sessions = passes if variant == "int8" else 1
+    sessions = max(1, min(sessions, passes))
+    # float32 passes that share a session go without its arena; int8 keeps it even there (on one shared
+    # session, 10-pair rerank batches ran 0.90x without it).
+    arena = not (device == "cpu" and variant == "float32" and sessions < passes)
     return ThreadLayout(threads, passes, SMALL_OVERLAP_TOKENS if threads * passes > cores else None, lone,
-                        max(1, min(sessions, passes)))
+                        sessions, arena)

@@ -307,25 +307,27 @@ def test_thread_layout_per_variant() -> None:
 
     # On CPU both dtypes run narrow passes side by side; a lone batch gets the wide spinning session.
     # int8 passes each run on a session of their own, float32 passes share one.
-    assert thread_layout("float32", "cpu", 2) == ThreadLayout(1, 2, None, lone_threads=2)
-    assert thread_layout("float32", "cpu", 2, spinning=True) == ThreadLayout(1, 2, None, lone_threads=2)
+    assert thread_layout("float32", "cpu", 2) == ThreadLayout(1, 2, None, lone_threads=2, arena=False)
+    assert thread_layout("float32", "cpu", 2, spinning=True) == ThreadLayout(1, 2, None, lone_threads=2, arena=False)
     assert thread_layout("float32", "cpu", 2, intra_op_threads=2, spinning=True) == \
-        ThreadLayout(2, 2, SMALL_OVERLAP_TOKENS)
+        ThreadLayout(2, 2, SMALL_OVERLAP_TOKENS, arena=False)
     assert thread_layout("int8", "cpu", 2, spinning=True) == ThreadLayout(1, 2, None, lone_threads=2, sessions=2)
-    assert thread_layout("float32", "cpu", 2, lone_pass=False) == ThreadLayout(1, 2, None)
+    assert thread_layout("float32", "cpu", 2, lone_pass=False) == ThreadLayout(1, 2, None, arena=False)
     assert thread_layout("int8", "cpu", 2) == ThreadLayout(1, 2, None, lone_threads=2, sessions=2)
     # On more cores: still one single-threaded pass per core, unless --engine-workers says otherwise.
     assert thread_layout("int8", "cpu", 16) == ThreadLayout(1, 16, None, lone_threads=16, sessions=16)
-    assert thread_layout("float32", "cpu", 16) == ThreadLayout(1, 16, None, lone_threads=16)
+    assert thread_layout("float32", "cpu", 16) == ThreadLayout(1, 16, None, lone_threads=16, arena=False)
     assert thread_layout("int8", "cpu", 16, workers=2) == ThreadLayout(8, 2, None, lone_threads=16, sessions=2)
-    assert thread_layout("float32", "cpu", 16, workers=4) == ThreadLayout(4, 4, None, lone_threads=16)
-    assert thread_layout("float32", "cpu", 16, intra_op_threads=16) == ThreadLayout(16, 2, SMALL_OVERLAP_TOKENS, 16)
+    assert thread_layout("float32", "cpu", 16, workers=4) == ThreadLayout(4, 4, None, lone_threads=16, arena=False)
+    assert thread_layout("float32", "cpu", 16, intra_op_threads=16) == \
+        ThreadLayout(16, 2, SMALL_OVERLAP_TOKENS, 16, arena=False)
     assert thread_layout("int8", "cpu", 16, intra_op_threads=4) == ThreadLayout(4, 4, None, lone_threads=16,
                                                                                  sessions=4)
     assert thread_layout("int8", "cpu", 2, lone_pass=False) == ThreadLayout(1, 2, None, sessions=2)
     assert thread_layout("float16", "cuda", 8) == ThreadLayout(8, 2, SMALL_OVERLAP_TOKENS)
     assert thread_layout("int8", "cuda", 8) == ThreadLayout(8, 2, SMALL_OVERLAP_TOKENS)
-    assert thread_layout("float32", "cpu", 2, intra_op_threads=1) == ThreadLayout(1, 2, None, lone_threads=2)
+    assert thread_layout("float32", "cpu", 2, intra_op_threads=1) == \
+        ThreadLayout(1, 2, None, lone_threads=2, arena=False)
     assert thread_layout("float32", "cpu", 2, workers=1) == ThreadLayout(2, 1, None)  # one pass at a time
     assert thread_layout("int8", "cpu", 2, workers=1) == ThreadLayout(1, 1, None)  # one pass: nothing to widen
     assert thread_layout("int8", "cpu", 1) == ThreadLayout(1, 1, None)
@@ -336,6 +338,12 @@ def test_thread_layout_per_variant() -> None:
     assert thread_layout("float32", "cuda", 8, sessions=2).sessions == 1
     assert "on 2 sessions" in thread_layout("int8", "cpu", 2).describe()
     assert "sessions" not in thread_layout("float32", "cpu", 2).describe()
+    # float32 passes sharing one session go without its CPU arena; a session per pass, one pass, int8 and
+    # CUDA keep it.
+    assert "without the CPU arena" in thread_layout("float32", "cpu", 2).describe()
+    assert thread_layout("float32", "cpu", 2, sessions=2).arena
+    assert thread_layout("int8", "cpu", 2, sessions=1).arena
+    assert thread_layout("float16", "cuda", 8).arena and thread_layout("float32", "cuda", 8).arena
 
 
 def test_each_worker_names_its_own_session_slot() -> None:

@@ -172,7 +172,7 @@ def test_a_session_that_passes_share_runs_without_its_arena(bge_style_bundle: Pa
 
     shared = load()
     engine = shared.bundle.engine
-    assert shared.layout.shares_sessions and engine.session_count == 1
+    assert not shared.layout.arena and engine.session_count == 1
     assert arenas(engine._sessions) == [False] and arenas([engine._lone_session]) == [True]
     lone = engine._lone_session = Counting(engine._lone_session)
     engine.release_memory()  # shrinks the lone session's arena; the shrink option on the other would raise
@@ -184,14 +184,14 @@ def test_a_session_that_passes_share_runs_without_its_arena(bge_style_bundle: Pa
 
     own = load(engine_sessions=2)
     engine = own.bundle.engine
-    assert not own.layout.shares_sessions
+    assert own.layout.arena and engine.session_count == 2
     assert arenas(engine._sessions) == [True, True] and arenas([engine._lone_session]) == [True]
     engine._sessions = [Counting(session) for session in engine._sessions]
     engine.release_memory()
     assert [session.runs for session in engine._sessions] == [1, 1]
 
     int8 = load(minilm_bundle, dtype="int8", engine_sessions=1)
-    assert int8.variant == "int8" and int8.layout.shares_sessions
+    assert int8.variant == "int8" and int8.layout.arena and int8.bundle.engine.session_count == 1
     assert arenas(int8.bundle.engine._sessions) == [True]
     int8.bundle.engine.release_memory()
 

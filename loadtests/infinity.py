@@ -21,6 +21,14 @@ server before it is timed (200, 384 floats, 20 scores).
 Equivalent settings: batch size 32 on both; one process; CPU only; default threads. `--only TEXT`
 runs the scenarios whose name contains TEXT. Results: loadtests/results/infinity-*.{json,md}, and
 beside them the log of each Infinity server.
+
+The servers above run one after another, so a slow or fast spell of the machine moves one column
+against the others. `--rounds N` compares in the same minutes instead: Infinity's ONNX engine and
+embedrank, on the same graph (ONNX fp32 with embedrank float32, ONNX int8 with embedrank int8), are
+up at the same time, and each scenario drives one and then the other for its window, N times, the
+order swapped every round; the next window starts once the server just driven has finished what was
+still in flight. The table gives each side's mean, embedrank's over Infinity's and in how many
+rounds embedrank was ahead (the torch engine, which runs another graph, is left out).
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +50,7 @@ from typing import Any
 import httpx
 
 from loadtests import run as scenarios
-from loadtests.run import _cpu_name, _free_port, _wait_ready, run_wrk, run_wrk_at_once, serving
+from loadtests.run import _cpu_name, _cpu_seconds, _free_port, _wait_ready, run_wrk, run_wrk_at_once, serving
 
 HERE = Path(__file__).resolve().parent
 INFINITY = "infinity-emb[server,torch,optimum]==0.0.78"
@@ -49,6 +59,8 @@ INFINITY = "infinity-emb[server,torch,optimum]==0.0.78"
 CONFIGURATIONS = [("torch fp32", "torch", []),
                   ("ONNX fp32", "optimum", ["--onnx-do-not-prefer-quantized"]),
                   ("ONNX int8", "optimum", [])]
+# `--rounds`: each Infinity configuration beside the embedrank dtype that runs the same graph.
+PAIRS = [("ONNX fp32", "float32"), ("ONNX int8", "int8")]
 EMBEDDER, RERANKER = "minilm", "reranker"  # the names both servers serve the two models under
 RERANK_SCENARIO = "rerank 8 clients x (1 query + 20 docs of ~100 tokens)"
 # Infinity 0.0.78 lists a local model directory's files with the path it was given and asks optimum for
@@ -229,23 +241,144 @@ def _drive(url: str, pid: int, parts: tuple[Load, ...]) -> dict[str, Any]:
     return results
 
 
-def measure(url: str, pid: int, loads: list[Load | Mixed]) -> dict[str, Any]:
-    """Each load in turn after a warm-up (the first requests of a new server compile kernels and grow
-    buffers; 3 s on each route the loads use, with their largest requests): {scenario: wrk's figures
-    with items_per_s}."""
-    results: dict[str, Any] = {}
+def warm_up(url: str, pid: int, loads: list[Load | Mixed]) -> None:
+    """Check one request of each load (a server that answers wrongly is not timed), then warm the server
+    up: the first requests of a new server compile kernels and grow buffers, so 3 s on each route the
+    loads use, with their largest requests."""
     parts = [part for load in loads for part in _parts(load)]
     for part in parts:
         check_answer(url, part)
     for route in dict.fromkeys(part.route for part in parts):
         warm = max((part for part in parts if part.route == route), key=lambda part: part.items)
         run_wrk(url, warm.bodies, 8, 3, pid, path=warm.route)
+
+
+def _print(name: str, measured: dict[str, Any], label: str = "") -> None:
+    print(f"  {label}{name:<55} {measured['items_per_s']:8.1f}/s  p50 {measured['p50_ms']:8.2f} ms  "
+          f"errors {measured['socket_errors'] + measured['non_2xx']}", flush=True)
+
+
+def measure(url: str, pid: int, loads: list[Load | Mixed]) -> dict[str, Any]:
+    """Each load in turn after `warm_up`: {scenario: wrk's figures with items_per_s}."""
+    results: dict[str, Any] = {}
+    warm_up(url, pid, loads)
     for load in loads:
         for name, measured in _drive(url, pid, _parts(load)).items():
             results[name] = measured
-            print(f"  {name:<55} {measured['items_per_s']:8.1f}/s  p50 {measured['p50_ms']:8.2f} ms  "
-                  f"errors {measured['socket_errors'] + measured['non_2xx']}", flush=True)
+            _print(name, measured)
     return results
+
+
+def wait_quiet(pid: int, timeout: float = 10.0) -> None:
+    """Return once the process `pid` has used under 0.02 s of CPU in a quarter of a second (or after
+    `timeout`): wrk stops at the end of its window with requests still in flight, and a server that
+    finishes them while the other one is driven would take from that one's window."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = _cpu_seconds(pid)
+        time.sleep(0.25)
+        if _cpu_seconds(pid) - before < 0.02:
+            return
+
+
+def alternate(servers: dict[str, tuple[str, int]], loads: list[Load | Mixed], rounds: int,
+              drive: Callable[[str, int, tuple[Load, ...]], dict[str, Any]] = _drive,
+              ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Each load on each server in turn (`servers`: {label: (url, pid)}), `rounds` times, the order of the
+    servers swapped every round, each window followed by `wait_quiet` on the server it drove:
+    {part name: {label: wrk's figures with items_per_s, one per round}}. `drive` runs one window (wrk on
+    every part of a load at once)."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for load in loads:
+        for round_number in range(rounds):
+            order = list(servers) if round_number % 2 == 0 else list(reversed(servers))
+            for label in order:
+                url, pid = servers[label]
+                for name, measured in drive(url, pid, _parts(load)).items():
+                    runs.setdefault(name, {side: [] for side in servers})[label].append(measured)
+                    _print(name, measured, f"round {round_number + 1} {label:<20} ")
+                wait_quiet(pid)
+    return runs
+
+
+def compare(runs: dict[str, list[dict[str, Any]]], ours: str, theirs: str) -> dict[str, Any]:
+    """One scenario's rounds of both servers: each side's mean items/s and median p50, embedrank's mean over
+    Infinity's and in how many rounds embedrank was ahead."""
+    mine, other = ([entry["items_per_s"] for entry in runs[side]] for side in (ours, theirs))
+    errors = sum(entry["socket_errors"] + entry["non_2xx"] for side in (ours, theirs) for entry in runs[side])
+    return {"ours": statistics.mean(mine), "theirs": statistics.mean(other),
+            "ours_p50_ms": statistics.median(entry["p50_ms"] for entry in runs[ours]),
+            "theirs_p50_ms": statistics.median(entry["p50_ms"] for entry in runs[theirs]),
+            "ratio": statistics.mean(mine) / statistics.mean(other) if statistics.mean(other) else None,
+            "ahead": sum(a > b for a, b in zip(mine, other, strict=True)), "rounds": len(mine), "errors": errors}
+
+
+def _pair_cells(compared: dict[str, Any] | str | None) -> list[str]:
+    if compared is None:
+        return ["-"] * 3
+    if isinstance(compared, str):
+        return ["failed"] * 3
+    ratio = ("-" if compared["ratio"] is None
+             else f"{compared['ratio']:.2f}x ({compared['ahead']} of {compared['rounds']})")
+    errors = f", {compared['errors']} errors" if compared["errors"] else ""
+    return [f"{compared['theirs']:,.0f}/s, p50 {compared['theirs_p50_ms']:.1f} ms",
+            f"{compared['ours']:,.0f}/s, p50 {compared['ours_p50_ms']:.1f} ms", ratio + errors]
+
+
+def interleaved_markdown(report: dict[str, Any]) -> str:
+    """One row per scenario: for each pair, Infinity's mean and median p50, embedrank's, and embedrank's
+    mean over Infinity's with the rounds it was ahead in."""
+    lines = [f"Machine: {report['machine']}; {report['rounds']} alternated rounds of {report['seconds']:.0f} s per "
+             f"scenario (rerank {report['seconds'] * scenarios.RERANK_WINDOW_FACTOR:.0f} s), both servers up at "
+             "once; mean texts (pairs) per second and median p50; POST /embeddings and POST /rerank on both.", "",
+             "| scenario | " + " | ".join(f"Infinity {configuration} | embedrank {dtype} | embedrank / Infinity "
+                                         "(rounds ahead)" for configuration, dtype in PAIRS) + " |",
+             "|---|" + "---:|" * (3 * len(PAIRS))]
+    for scenario in report["scenarios"]:
+        cells = [cell for _, dtype in PAIRS for cell in _pair_cells(report["pairs"].get(dtype, {}).get(scenario))]
+        lines.append(f"| {scenario} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_interleaved(python: Path, groups: list[tuple[tuple[Served, ...], list[Load | Mixed]]], rounds: int,
+                    report: dict[str, Any], output: Path, stamp: str) -> None:
+    """`--rounds`: each pair of PAIRS, both servers up at once, every load alternated between them;
+    report["pairs"][dtype][scenario]: `compare`'s figures (or "failed: ..."), report["runs"]: every window."""
+    flags_of = {label: (engine, flags) for label, engine, flags in CONFIGURATIONS}
+    report["rounds"], report["pairs"], report["runs"] = rounds, {}, {}
+    for configuration, dtype in PAIRS:
+        theirs, ours = f"Infinity {configuration}", f"embedrank {dtype}"
+        print(f"{theirs} beside {ours}", flush=True)
+        compared = report["pairs"].setdefault(dtype, {})
+        engine, flags = flags_of[configuration]
+        for models, loads in groups:
+            names = [part.name for load in loads for part in _parts(load)]
+            log = output / (f"infinity-{stamp}-{configuration.replace(' ', '-')}-"
+                            f"{'+'.join(model.name for model in models)}.log")
+            try:
+                url, process = start_infinity(python, models, engine, flags, log)
+            except RuntimeError as error:
+                print(f"  {error}", flush=True)
+                compared.update({name: f"failed: {str(error)[-500:]}" for name in names})
+                continue
+            arguments = [argument for model in models[1:] for argument in ("--model-id", str(model.bundle))]
+            arguments += [argument for model in models for argument in ("--served-model-name", model.name)]
+            try:
+                with serving(models[0].bundle, *arguments, "--dtype", dtype) as (embedrank_url, server):
+                    servers = {theirs: (url, process.pid), ours: (embedrank_url, server.pid)}
+                    for side_url, pid in servers.values():
+                        warm_up(side_url, pid, loads)
+                    runs = alternate(servers, loads, rounds)
+            except RuntimeError as error:  # a wrong answer: nothing of this pair is timed
+                print(f"  {error}", flush=True)
+                compared.update({name: f"failed: {str(error)[-500:]}" for name in names})
+                continue
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
+            for name, sides in runs.items():
+                report["runs"].setdefault(dtype, {})[name] = sides
+                compared[name] = compare(sides, ours, theirs)
 
 
 def _cell(results: dict[str, Any], scenario: str) -> str:
@@ -295,8 +428,13 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=None, help="keep Infinity's virtual environment here")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--only", default=None, metavar="TEXT", help="run only the scenarios whose name has TEXT")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="compare in the same minutes: Infinity's ONNX engine and embedrank up at once, each "
+                             "scenario alternated between them this many times (0: every server in turn, once)")
     parser.add_argument("--output", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    if args.rounds < 0:
+        raise SystemExit("--rounds must be 0 or more")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     args.output.mkdir(parents=True, exist_ok=True)
@@ -330,6 +468,13 @@ def main() -> None:
                                                 for part in _parts(load)],
                                   "servers": {}}
         python = install(args.venv or scratch / "infinity-venv")
+        if args.rounds:
+            run_interleaved(python, groups, args.rounds, report, args.output, stamp)
+            del report["servers"]
+            (args.output / f"infinity-interleaved-{stamp}.json").write_text(json.dumps(report, indent=2))
+            (args.output / f"infinity-interleaved-{stamp}.md").write_text(interleaved_markdown(report))
+            print(interleaved_markdown(report))
+            return
         for configuration, engine, flags in CONFIGURATIONS:
             label = f"Infinity {configuration}"
             print(label, flush=True)

@@ -97,3 +97,80 @@ def test_the_table_puts_both_side_by_side() -> None:
             if line.startswith("| ")}
     assert rows["rerank"].endswith("| failed | none answered in 10 s | 90/s, p50 12.3 ms | 210/s, p50 12.3 ms "
                                    "| - | - |")
+
+
+def test_rounds_alternate_the_servers_and_swap_the_order(both: RunningServer, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    import httpx
+
+    def drive(url: str, pid: int, parts: tuple[infinity.Load, ...]) -> dict[str, dict[str, float]]:
+        """A window in miniature: each part's first ten requests, one at a time (wrk is no test dependency)."""
+        figures = {}
+        for part in parts:
+            bodies = _lines(part.bodies)[:10]
+            began = time.monotonic()
+            statuses = [httpx.post(url + part.route, json=body, timeout=60).status_code for body in bodies]
+            elapsed = time.monotonic() - began
+            figures[part.name] = {"items_per_s": len(bodies) * part.items / elapsed, "p50_ms": elapsed * 100,
+                                  "socket_errors": 0, "non_2xx": sum(status != 200 for status in statuses)}
+        return figures
+
+    single = next(load for load in infinity.embed_loads(tmp_path, 1.0) if load.name == "32 clients x 1 text")
+    mixed = infinity.mixed_load(tmp_path, 1.0)
+    # the same real server under two labels: what is checked is the order and the bookkeeping
+    servers = {"first": (both.url, both.process.pid), "second": (both.url, both.process.pid)}
+    runs = infinity.alternate(servers, [single, mixed], rounds=2, drive=drive)
+    assert list(runs) == [single.name, *(part.name for part in mixed.parts)]
+    for sides in runs.values():
+        assert {label: len(entries) for label, entries in sides.items()} == {"first": 2, "second": 2}
+        for entries in sides.values():
+            assert all(entry["items_per_s"] > 0 and entry["socket_errors"] + entry["non_2xx"] == 0
+                       for entry in entries)
+    windows = [line.split()[1:3] for line in capsys.readouterr().out.splitlines()
+               if line.strip().startswith("round") and single.name in line]
+    assert windows == [["1", "first"], ["1", "second"], ["2", "second"], ["2", "first"]]
+    compared = infinity.compare(runs[single.name], "second", "first")
+    assert compared["rounds"] == 2 and compared["errors"] == 0 and 0 <= compared["ahead"] <= 2
+    assert compared["ratio"] == pytest.approx(compared["ours"] / compared["theirs"])
+
+
+def test_waiting_for_a_server_to_finish_what_was_in_flight() -> None:
+    import subprocess
+    import sys
+    import time
+
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # both started
+        began = time.monotonic()
+        infinity.wait_quiet(idle.pid, timeout=5.0)
+        assert time.monotonic() - began < 1.0
+        began = time.monotonic()
+        infinity.wait_quiet(busy.pid, timeout=1.0)  # never quiet: waits out its timeout
+        assert time.monotonic() - began >= 1.0
+    finally:
+        idle.kill()
+        busy.kill()
+
+
+def test_the_interleaved_table_gives_each_pair_and_the_rounds_ahead() -> None:
+    def rounds(*per_second: float, p50: float = 10.0) -> list[dict[str, float]]:
+        return [{"items_per_s": value, "p50_ms": p50, "socket_errors": 0, "non_2xx": 0} for value in per_second]
+
+    fp32 = infinity.compare({"embedrank float32": rounds(600, 500, 700, p50=20.0),
+                             "Infinity ONNX fp32": rounds(300, 550, 350, p50=40.0)},
+                            "embedrank float32", "Infinity ONNX fp32")
+    assert (fp32["ours"], fp32["theirs"], fp32["ahead"], fp32["rounds"]) == (600, 400, 2, 3)
+    assert (fp32["ratio"], fp32["ours_p50_ms"], fp32["theirs_p50_ms"]) == (1.5, 20.0, 40.0)
+    report = {"machine": "a CPU, 2 cores", "seconds": 10.0, "rounds": 3, "scenarios": ["32 clients x 1 text", "rerank"],
+              "pairs": {"float32": {"32 clients x 1 text": fp32, "rerank": "failed: boom"},
+                        "int8": {"32 clients x 1 text": fp32}}}
+    table = infinity.interleaved_markdown(report)
+    assert "3 alternated rounds of 10 s" in table and "rerank 30 s" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["32 clients x 1 text"].endswith("| 400/s, p50 40.0 ms | 600/s, p50 20.0 ms | 1.50x (2 of 3) "
+                                                "| 400/s, p50 40.0 ms | 600/s, p50 20.0 ms | 1.50x (2 of 3) |")
+    assert rows["rerank"].endswith("| failed | failed | failed | - | - | - |")

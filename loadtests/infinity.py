@@ -269,6 +269,19 @@ def measure(url: str, pid: int, loads: list[Load | Mixed]) -> dict[str, Any]:
     return results
 
 
+def infinity_log(output: Path, stamp: str, configuration: str, models: tuple[Served, ...]) -> Path:
+    """Where an Infinity server's log goes, kept beside the results: what it logged (its ONNX optimization
+    step, say) can be checked."""
+    return output / f"infinity-{stamp}-{configuration.replace(' ', '-')}-{'+'.join(model.name for model in models)}.log"
+
+
+def embedrank_arguments(models: tuple[Served, ...]) -> list[str]:
+    """embedrank's settings for serving `models` in one process (the first is `serving`'s bundle) under
+    the names Infinity serves them under."""
+    arguments = [argument for model in models[1:] for argument in ("--model-id", str(model.bundle))]
+    return arguments + [argument for model in models for argument in ("--served-model-name", model.name)]
+
+
 def wait_quiet(pid: int, timeout: float = 10.0) -> None:
     """Return once the process `pid` has used under 0.02 s of CPU in a quarter of a second (or after
     `timeout`): wrk stops at the end of its window with requests still in flight, and a server that
@@ -306,10 +319,11 @@ def compare(runs: dict[str, list[dict[str, Any]]], ours: str, theirs: str) -> di
     Infinity's and in how many rounds embedrank was ahead."""
     mine, other = ([entry["items_per_s"] for entry in runs[side]] for side in (ours, theirs))
     errors = sum(entry["socket_errors"] + entry["non_2xx"] for side in (ours, theirs) for entry in runs[side])
-    return {"ours": statistics.mean(mine), "theirs": statistics.mean(other),
+    mean_mine, mean_other = statistics.mean(mine), statistics.mean(other)
+    return {"ours": mean_mine, "theirs": mean_other,
             "ours_p50_ms": statistics.median(entry["p50_ms"] for entry in runs[ours]),
             "theirs_p50_ms": statistics.median(entry["p50_ms"] for entry in runs[theirs]),
-            "ratio": statistics.mean(mine) / statistics.mean(other) if statistics.mean(other) else None,
+            "ratio": mean_mine / mean_other if mean_other else None,
             "ahead": sum(a > b for a, b in zip(mine, other, strict=True)), "rounds": len(mine), "errors": errors}
 
 
@@ -353,18 +367,16 @@ def run_interleaved(python: Path, groups: list[tuple[tuple[Served, ...], list[Lo
         engine, flags = flags_of[configuration]
         for models, loads in groups:
             names = [part.name for load in loads for part in _parts(load)]
-            log = output / (f"infinity-{stamp}-{configuration.replace(' ', '-')}-"
-                            f"{'+'.join(model.name for model in models)}.log")
             try:
-                url, process = start_infinity(python, models, engine, flags, log)
+                url, process = start_infinity(python, models, engine, flags,
+                                              infinity_log(output, stamp, configuration, models))
             except RuntimeError as error:
                 print(f"  {error}", flush=True)
                 compared.update({name: f"failed: {str(error)[-500:]}" for name in names})
                 continue
-            arguments = [argument for model in models[1:] for argument in ("--model-id", str(model.bundle))]
-            arguments += [argument for model in models for argument in ("--served-model-name", model.name)]
             try:
-                with serving(models[0].bundle, *arguments, "--dtype", dtype) as (embedrank_url, server):
+                with serving(models[0].bundle, *embedrank_arguments(models), "--dtype", dtype) as (embedrank_url,
+                                                                                                 server):
                     servers = {theirs: (url, process.pid), ours: (embedrank_url, server.pid)}
                     for side_url, pid in servers.values():
                         warm_up(side_url, pid, loads)
@@ -465,16 +477,15 @@ def main() -> None:
             raise SystemExit(f"no scenario has {args.only!r} in its name")
         report: dict[str, Any] = {"machine": f"{_cpu_name()}, {os.cpu_count()} cores", "seconds": args.seconds,
                                   "scenarios": [part.name for _, loads in groups for load in loads
-                                                for part in _parts(load)],
-                                  "servers": {}}
+                                                for part in _parts(load)]}
         python = install(args.venv or scratch / "infinity-venv")
         if args.rounds:
             run_interleaved(python, groups, args.rounds, report, args.output, stamp)
-            del report["servers"]
             (args.output / f"infinity-interleaved-{stamp}.json").write_text(json.dumps(report, indent=2))
             (args.output / f"infinity-interleaved-{stamp}.md").write_text(interleaved_markdown(report))
             print(interleaved_markdown(report))
             return
+        report["servers"] = {}
         for configuration, engine, flags in CONFIGURATIONS:
             label = f"Infinity {configuration}"
             print(label, flush=True)
@@ -482,10 +493,8 @@ def main() -> None:
             for models, loads in groups:
                 names = [part.name for load in loads for part in _parts(load)]
                 try:
-                    # kept beside the results: what Infinity logged (its ONNX optimization step, say) can be checked
-                    log = args.output / (f"infinity-{stamp}-{configuration.replace(' ', '-')}-"
-                                         f"{'+'.join(model.name for model in models)}.log")
-                    url, process = start_infinity(python, models, engine, flags, log)
+                    url, process = start_infinity(python, models, engine, flags,
+                                                  infinity_log(args.output, stamp, configuration, models))
                 except RuntimeError as error:
                     print(f"  {error}", flush=True)
                     results.update({name: f"failed: {str(error)[-500:]}" for name in names})
@@ -504,9 +513,7 @@ def main() -> None:
             print(label, flush=True)
             report["servers"][label] = {}
             for models, loads in groups:
-                arguments = [argument for model in models[1:] for argument in ("--model-id", str(model.bundle))]
-                arguments += [argument for model in models for argument in ("--served-model-name", model.name)]
-                with serving(models[0].bundle, *arguments, "--dtype", dtype) as (url, server):
+                with serving(models[0].bundle, *embedrank_arguments(models), "--dtype", dtype) as (url, server):
                     report["servers"][label].update(measure(url, server.pid, loads))
     (args.output / f"infinity-{stamp}.json").write_text(json.dumps(report, indent=2))
     (args.output / f"infinity-{stamp}.md").write_text(markdown(report))

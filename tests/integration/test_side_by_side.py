@@ -50,8 +50,10 @@ def test_the_bodies_are_the_load_tests_own(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def both(minilm_bundle: Path, cross_encoder_bundle: Path, work_dir: Path) -> Iterator[RunningServer]:
-    with running_server(["--model-id", str(minilm_bundle), "--model-id", str(cross_encoder_bundle),
-                         "--served-model-name", infinity.EMBEDDER, "--served-model-name", infinity.RERANKER],
+    # the settings the script serves both models with, under Infinity's names
+    models = (infinity.Served(infinity.EMBEDDER, minilm_bundle, work_dir),
+              infinity.Served(infinity.RERANKER, cross_encoder_bundle, work_dir))
+    with running_server(["--model-id", str(minilm_bundle), *infinity.embedrank_arguments(models)],
                         work_dir / "logs") as running:
         yield running
 
